@@ -1,0 +1,300 @@
+"""TOML configuration: loading, typed lookups and the MX side's sites.
+
+Every error names the file, the key and the offending value, so an admin can
+fix the file without reading code.  Sections owned by one program (the MX
+daemon's listeners, the fetcher's sources) are parsed by that program's own
+configuration module with the helpers here.
+
+The site table maps a site name to its spool::
+
+    spool_root = "/var/spool/mailfeed"
+
+    [sites.site1]
+    format = "maildir"          # maildir (default), mbox or pipe
+    path = "site1"              # relative to spool_root; default: the site name
+    domains = ["example.org"]   # used by the MX daemon's SMTP receiver
+    command = ["/usr/lib/dovecot/dovecot-lda", "-d", "site1"]   # pipe only
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailfeed.errors import ConfigError, UnknownSite
+
+__all__ = [
+    "DEFAULT_MX_CONFIG",
+    "Limits",
+    "MxSpoolConfig",
+    "Section",
+    "SiteConfig",
+    "load_mx_spool_config",
+    "load_toml",
+    "validate_site_name",
+]
+
+DEFAULT_MX_CONFIG = "/etc/mailfeed/mx.toml"
+CONFIG_ENV = "MAILFEED_CONFIG"
+
+SPOOL_FORMATS = ("maildir", "mbox", "pipe")
+# A site name becomes one path component under the spool root.
+SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+MAX_SITE_NAME = 64
+
+T = TypeVar("T")
+
+
+def validate_site_name(name: str) -> str:
+    """Return ``name`` if it is safe as one path component, else raise UnknownSite.
+
+    Rejects ``..``, ``/``, NUL, a leading dot, and names over 64 characters,
+    before any path is built from the name.
+    """
+    if len(name) > MAX_SITE_NAME:
+        raise UnknownSite(f"invalid site name {name[:70]!r}: over {MAX_SITE_NAME} characters")
+    if not SITE_NAME_RE.fullmatch(name) or ".." in name:
+        raise UnknownSite(
+            f"invalid site name {name!r}: use letters, digits, '.', '_', '+' and '-', "
+            "not starting with '.' and without '..'"
+        )
+    return name
+
+
+def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML file; raise ConfigError naming the file on any failure."""
+    try:
+        with open(path, "rb") as fp:
+            return tomllib.load(fp)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the configuration") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+
+
+class Section:
+    """Typed, checked access to one table of a configuration file.
+
+    Each getter raises ConfigError naming the file, the dotted key and the
+    value.  :meth:`check_unknown` rejects keys that no getter asked for, so a
+    misspelt option is an error instead of being silently ignored.
+    """
+
+    def __init__(self, path: str, data: Mapping[str, Any], prefix: str = "") -> None:
+        self.path = path
+        self.data = data
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def error(self, name: str, message: str) -> ConfigError:
+        value = self.data.get(name)
+        shown = f" = {value!r}" if name in self.data else ""
+        return ConfigError(f"{self.path}: {self.key(name)}{shown}: {message}")
+
+    def _get(self, name: str, kind: type[T] | tuple[type, ...], kind_name: str) -> Any:
+        self.seen.add(name)
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) and kind is not bool:
+            raise self.error(name, f"expected {kind_name}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {kind_name}")
+        return value
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get_str(
+        self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()
+    ) -> Any:
+        value = self._get(name, str, "a string")
+        if value is None:
+            return default
+        if choices and value not in choices:
+            raise self.error(name, f"expected one of {', '.join(choices)}")
+        return value
+
+    def required_str(self, name: str, *, choices: tuple[str, ...] = ()) -> str:
+        value = self.get_str(name, choices=choices)
+        if value is None:
+            raise ConfigError(f"{self.path}: {self.key(name)}: missing required setting")
+        return str(value)
+
+    def get_int(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        value = self._get(name, int, "an integer")
+        if value is None:
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and {maximum}" if maximum is not None else ""
+            raise self.error(name, f"expected an integer between {minimum}{upper}")
+        return int(value)
+
+    def get_float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._get(name, (int, float), "a number")
+        if value is None:
+            return default
+        if value < minimum:
+            raise self.error(name, f"expected a number of at least {minimum}")
+        return float(value)
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, bool, "true or false")
+        return default if value is None else bool(value)
+
+    def get_str_list(self, name: str, default: list[str] | None = None) -> list[str]:
+        value = self._get(name, list, "a list of strings")
+        if value is None:
+            return list(default or [])
+        if not all(isinstance(item, str) for item in value):
+            raise self.error(name, "expected a list of strings")
+        return list(value)
+
+    def get_path(
+        self, name: str, default: str | None = None, *, base: Path | None = None
+    ) -> Path | None:
+        value = self.get_str(name, default)
+        if value is None:
+            return None
+        result = Path(value)
+        if base is not None and not result.is_absolute():
+            result = base / result
+        return result
+
+    def table(self, name: str) -> Section:
+        value = self._get(name, dict, "a table")
+        return Section(self.path, value or {}, f"{self.key(name)}.")
+
+    def tables(self, name: str) -> dict[str, Section]:
+        value = self._get(name, dict, "a table of tables")
+        result: dict[str, Section] = {}
+        for sub, data in (value or {}).items():
+            if not isinstance(data, dict):
+                raise ConfigError(f"{self.path}: {self.key(name)}.{sub}: expected a table")
+            result[sub] = Section(self.path, data, f"{self.key(name)}.{sub}.")
+        return result
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.path}: unknown setting {self.key(unknown[0])}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits that apply to every message the MX side stores."""
+
+    # Octets of message data accepted (0: no limit).
+    max_message_size: int = 100 * 1024 * 1024
+    max_recipients: int = 1000
+    # Seconds mailfeed-fwd may take before it gives up with EX_TEMPFAIL.
+    deadline: float = 300.0
+    # Seconds to wait for an mbox lock.
+    lock_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site: where and how its mailbox is stored."""
+
+    name: str
+    format: str
+    path: Path
+    domains: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MxSpoolConfig:
+    """The MX side's spool settings: the sites and the limits."""
+
+    source: str
+    spool_root: Path
+    sites: dict[str, SiteConfig] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+
+    def site(self, name: str) -> SiteConfig:
+        validate_site_name(name)
+        try:
+            return self.sites[name]
+        except KeyError:
+            raise UnknownSite(f"unknown site {name!r}: not in {self.source}") from None
+
+
+def parse_limits(section: Section) -> Limits:
+    limits = Limits(
+        max_message_size=section.get_int("max_message_size", Limits.max_message_size),
+        max_recipients=section.get_int("max_recipients", Limits.max_recipients, minimum=1),
+        deadline=section.get_float("deadline", Limits.deadline, minimum=1.0),
+        lock_timeout=section.get_float("lock_timeout", Limits.lock_timeout, minimum=0.1),
+    )
+    section.check_unknown()
+    return limits
+
+
+def parse_site(name: str, section: Section, spool_root: Path) -> SiteConfig:
+    try:
+        validate_site_name(name)
+    except UnknownSite as exc:
+        raise ConfigError(f"{section.path}: sites.{name}: {exc}") from None
+    fmt = section.get_str("format", "maildir", choices=SPOOL_FORMATS)
+    path_text = section.get_str("path", name)
+    path = Path(path_text)
+    if not path.is_absolute():
+        if ".." in path.parts:
+            raise section.error("path", "a relative path may not contain '..'")
+        path = spool_root / path
+    command = tuple(section.get_str_list("command"))
+    if fmt == "pipe" and not command:
+        raise ConfigError(f"{section.path}: {section.key('command')}: required for format pipe")
+    site = SiteConfig(
+        name=name,
+        format=fmt,
+        path=path,
+        domains=tuple(d.lower() for d in section.get_str_list("domains")),
+        addresses=tuple(a.lower() for a in section.get_str_list("addresses")),
+        command=command,
+    )
+    section.check_unknown()
+    return site
+
+
+def mx_spool_config_from(path: str, data: Mapping[str, Any]) -> tuple[MxSpoolConfig, Section]:
+    """Build the spool config from parsed TOML; return the top section too.
+
+    The caller (the MX daemon) may read further tables from the returned
+    section before calling ``check_unknown`` on it.
+    """
+    top = Section(path, data)
+    spool_root = Path(top.get_str("spool_root", "/var/spool/mailfeed"))
+    limits = parse_limits(top.table("limits"))
+    sites: dict[str, SiteConfig] = {}
+    for name, section in top.tables("sites").items():
+        sites[name] = parse_site(name, section, spool_root)
+    return MxSpoolConfig(path, spool_root, sites, limits), top
+
+
+def config_path(explicit: str | None) -> str:
+    """Return the configuration path: the option, $MAILFEED_CONFIG, or the default."""
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_MX_CONFIG
+
+
+def load_mx_spool_config(path: str) -> MxSpoolConfig:
+    """Load the MX side's sites and limits, ignoring other top-level tables."""
+    config, _top = mx_spool_config_from(path, load_toml(path))
+    return config

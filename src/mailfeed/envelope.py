@@ -1,0 +1,352 @@
+"""The envelope block: the SMTP envelope written at the top of a message.
+
+POP3 carries messages but not their SMTP envelope, so the MX host writes the
+envelope into header lines at the very top of each message (the MAILFEED
+format of 1996)::
+
+    X-Mailfeed-Sender: <envelope sender, "<>" for the null sender>
+    X-Mailfeed-Recipient-Number: <N, decimal>
+    X-Mailfeed-Recipient-Address: <recipient>      (exactly N lines)
+
+and then the original message, unchanged.
+
+Invariants of this codec:
+
+* The writer emits exactly that block; optional extension fields (see
+  :data:`EXTENSION_FIELDS`) follow the recipient lines only when asked for.
+* The reader looks at the first line only.  It never searches further down
+  for a block and never guesses: any deviation is a :class:`BlockDefect` with
+  a 1-based line number and a plain reason.  Lines below the block that look
+  like block fields are message content.
+* Field names are case-insensitive; the value follows the colon and optional
+  white space; lines end in LF or CRLF.
+* Addresses carry no control characters and are at most
+  :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section 4.5.3.1.3).  UTF-8
+  (RFC 6531) and quoted local parts are allowed.  An address in angle brackets
+  is accepted on read and written bare.
+
+This module knows nothing of files, sockets or spools: it works on bytes and
+on binary streams.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+__all__ = [
+    "DEFAULT_MAX_RECIPIENTS",
+    "FIELD_COUNT",
+    "FIELD_RECIPIENT",
+    "FIELD_SENDER",
+    "MAX_ADDRESS_OCTETS",
+    "MAX_BLOCK_LINE",
+    "Block",
+    "BlockDefect",
+    "Envelope",
+    "InvalidAddress",
+    "encode_block",
+    "parse_block",
+    "read_block",
+    "validate_address",
+]
+
+FIELD_SENDER = "X-Mailfeed-Sender"
+FIELD_COUNT = "X-Mailfeed-Recipient-Number"
+FIELD_RECIPIENT = "X-Mailfeed-Recipient-Address"
+FIELD_PREFIX = b"x-mailfeed-"
+
+# RFC 5321 section 4.5.3.1.3: a reverse-path or forward-path is at most 256
+# octets including the angle brackets; we apply it to the bare address.
+MAX_ADDRESS_OCTETS = 256
+DEFAULT_MAX_RECIPIENTS = 1000
+# A block line is a field name, a colon, white space and one address: this
+# bound leaves room for generous white space and extension fields.
+MAX_BLOCK_LINE = 2048
+# How far the reader looks, only to explain a missing block, for a block
+# field lower in the header section ("block is not at the very top").
+DIAGNOSE_LINES = 200
+
+NULL_SENDER_TEXT = "<>"
+
+
+class InvalidAddress(ValueError):
+    """An envelope address that may not be written into a block."""
+
+
+class BlockDefect(ValueError):
+    """A missing, incomplete or malformed block.
+
+    ``line`` is the 1-based line number where the defect was found and
+    ``reason`` a short plain-text reason such as "no block".
+    """
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An SMTP envelope: the sender ("" is the null sender) and recipients."""
+
+    sender: str
+    recipients: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        validate_address(self.sender, allow_null=True)
+        if not self.recipients:
+            raise InvalidAddress("an envelope needs at least one recipient")
+        for rcpt in self.recipients:
+            validate_address(rcpt)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A parsed block: its envelope, its size in octets and any extensions.
+
+    ``length`` is the number of octets the block occupies at the start of the
+    message (including any allowed trace lines above it), so the message
+    proper starts at that offset.
+    """
+
+    envelope: Envelope
+    length: int
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+
+def validate_address(address: str, *, allow_null: bool = False) -> str:
+    """Check an envelope address and return it; raise InvalidAddress if bad."""
+    if address == "":
+        if allow_null:
+            return address
+        raise InvalidAddress("empty recipient address")
+    for ch in address:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise InvalidAddress(f"address {address!r} contains control character {ch!r}")
+    octets = len(address.encode("utf-8", "surrogateescape"))
+    if octets > MAX_ADDRESS_OCTETS:
+        raise InvalidAddress(
+            f"address {address[:40]!r}... is {octets} octets, over the limit of "
+            f"{MAX_ADDRESS_OCTETS}"
+        )
+    if address.startswith("<") or address.endswith(">"):
+        raise InvalidAddress(f"address {address!r} has angle brackets")
+    if address[0] in " \t" or address[-1] in " \t":
+        raise InvalidAddress(f"address {address!r} has leading or trailing white space")
+    return address
+
+
+def normalise_address(value: str) -> str:
+    """Strip one pair of angle brackets from an address as read from a block."""
+    if value == NULL_SENDER_TEXT:
+        return ""
+    if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
+        return value[1:-1]
+    return value
+
+
+def encode_block(
+    envelope: Envelope,
+    *,
+    newline: bytes = b"\n",
+    extensions: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """Return the block for an envelope, each line ending in ``newline``.
+
+    With no extensions this is exactly the 1996 MAILFEED block.
+    """
+    sender = envelope.sender or NULL_SENDER_TEXT
+    lines = [
+        f"{FIELD_SENDER}: {sender}",
+        f"{FIELD_COUNT}: {len(envelope.recipients)}",
+    ]
+    lines.extend(f"{FIELD_RECIPIENT}: {rcpt}" for rcpt in envelope.recipients)
+    for name, value in extensions:
+        if name.lower() not in EXTENSION_FIELDS:
+            raise ValueError(f"unknown block extension field {name!r}")
+        lines.append(f"{name}: {value}")
+    return b"".join(line.encode("utf-8", "surrogateescape") + newline for line in lines)
+
+
+def _check_extension_value(value: str) -> str:
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise ValueError(f"control character {ch!r}")
+    return value
+
+
+# Optional fields that may follow the recipient lines, by lower-case name.
+# Adding an extension is one entry here: a name and a value check.
+EXTENSION_FIELDS: dict[str, Callable[[str], str]] = {
+    "x-mailfeed-message-id": _check_extension_value,
+    "x-mailfeed-signature": _check_extension_value,
+}
+
+
+def _split_field(line: bytes) -> tuple[bytes, bytes] | None:
+    """Split a header line into lower-case name and value, without line end."""
+    body = line.rstrip(b"\r\n") if line.endswith(b"\n") else line
+    colon = body.find(b":")
+    if colon <= 0:
+        return None
+    name = body[:colon]
+    if any(c <= 0x20 or c >= 0x7F for c in name):
+        return None
+    return name.lower(), body[colon + 1 :].strip(b" \t")
+
+
+def _decode_value(raw: bytes, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BlockDefect(line_no, "address is not valid UTF-8") from None
+
+
+class _LineReader:
+    """Read lines from a binary stream with a length cap, counting octets."""
+
+    def __init__(self, stream: BinaryIO, max_line: int) -> None:
+        self.stream = stream
+        self.max_line = max_line
+        self.line_no = 0
+        self.offset = 0
+
+    def next(self) -> bytes:
+        line = self.stream.readline(self.max_line + 1)
+        if len(line) > self.max_line:
+            raise BlockDefect(self.line_no + 1, f"block line longer than {self.max_line} octets")
+        self.line_no += 1
+        self.offset += len(line)
+        return line
+
+
+def _diagnose_missing(reader: _LineReader, first: bytes) -> BlockDefect:
+    """Explain why the first line is not a block line."""
+    line_no = reader.line_no
+    line = first
+    for _ in range(DIAGNOSE_LINES):
+        if line in (b"\n", b"\r\n", b""):
+            break
+        parts = _split_field(line)
+        if parts and parts[0] == FIELD_SENDER.lower().encode():
+            return BlockDefect(line_no, "block is not at the very top")
+        try:
+            line = reader.next()
+        except BlockDefect:
+            break
+        line_no = reader.line_no
+    return BlockDefect(1, "no block")
+
+
+def read_block(
+    stream: BinaryIO,
+    *,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+    allowed_above: frozenset[str] = frozenset(),
+    max_line: int = MAX_BLOCK_LINE,
+) -> Block:
+    """Read the block from the start of a binary stream.
+
+    The stream is left positioned after the block (and after any extension
+    fields), at the first octet of the original message.  ``allowed_above``
+    names trace fields (lower case, such as ``"return-path"``) that may stand
+    above the block, as a local delivery agent on the MX may add them; they
+    are skipped with their continuation lines and counted in the block length.
+    Raise BlockDefect on any deviation.
+    """
+    reader = _LineReader(stream, max_line)
+    first = reader.next()
+    if first == b"":
+        raise BlockDefect(1, "empty message")
+
+    line = first
+    if allowed_above:
+        while True:
+            parts = _split_field(line)
+            if parts is None or parts[0].decode("ascii") not in allowed_above:
+                break
+            line = reader.next()
+            while line[:1] in (b" ", b"\t"):
+                line = reader.next()
+
+    parts = _split_field(line)
+    if parts is None or parts[0] != FIELD_SENDER.lower().encode():
+        raise _diagnose_missing(reader, line)
+    sender_line = reader.line_no
+    sender_text = _decode_value(parts[1], sender_line)
+    if sender_text == "":
+        raise BlockDefect(sender_line, "empty sender")
+    sender = normalise_address(sender_text)
+
+    line = reader.next()
+    parts = _split_field(line)
+    if parts is None or parts[0] != FIELD_COUNT.lower().encode():
+        raise BlockDefect(reader.line_no, f"{FIELD_COUNT} missing after {FIELD_SENDER}")
+    count_text = parts[1]
+    if not count_text or not count_text.isdigit() or not count_text.isascii():
+        raise BlockDefect(reader.line_no, "recipient number is not decimal")
+    count = int(count_text)
+    if count < 1:
+        raise BlockDefect(reader.line_no, "recipient number is 0")
+    if count > max_recipients:
+        raise BlockDefect(
+            reader.line_no,
+            f"recipient number {count} is over the limit of {max_recipients}",
+        )
+
+    recipients: list[str] = []
+    rcpt_name = FIELD_RECIPIENT.lower().encode()
+    for _ in range(count):
+        line = reader.next()
+        parts = _split_field(line)
+        if parts is None or parts[0] != rcpt_name:
+            raise BlockDefect(
+                reader.line_no, f"{len(recipients)} address lines, {count} announced"
+            )
+        value = normalise_address(_decode_value(parts[1], reader.line_no))
+        if value == "":
+            raise BlockDefect(reader.line_no, "empty recipient address")
+        try:
+            recipients.append(validate_address(value))
+        except InvalidAddress as exc:
+            raise BlockDefect(reader.line_no, str(exc)) from None
+
+    extensions: dict[str, str] = {}
+    block_end = reader.offset
+    while True:
+        line = reader.next()
+        parts = _split_field(line)
+        if parts is None:
+            break
+        name = parts[0].decode("ascii")
+        check = EXTENSION_FIELDS.get(name)
+        if check is None or name in extensions:
+            break
+        try:
+            extensions[name] = check(_decode_value(parts[1], reader.line_no))
+        except ValueError as exc:
+            raise BlockDefect(reader.line_no, f"invalid {name}: {exc}") from None
+        block_end = reader.offset
+
+    try:
+        sender = validate_address(sender, allow_null=True)
+    except InvalidAddress as exc:
+        raise BlockDefect(sender_line, str(exc)) from None
+    stream.seek(stream.tell() - (reader.offset - block_end))
+    return Block(Envelope(sender, tuple(recipients)), block_end, extensions)
+
+
+def parse_block(
+    data: bytes,
+    *,
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS,
+    allowed_above: frozenset[str] = frozenset(),
+) -> Block:
+    """Parse the block at the start of ``data``; see :func:`read_block`."""
+    return read_block(
+        io.BytesIO(data), max_recipients=max_recipients, allowed_above=allowed_above
+    )

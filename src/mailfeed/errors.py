@@ -1,0 +1,119 @@
+"""Exceptions and their sysexits(3) exit codes.
+
+Programs that an MTA runs (mailfeed-fwd, mailfeed-rmail) report their outcome
+as a sysexits code, because the MTA decides from it whether to retry or to
+bounce.  Postfix pipe(8) retries on 75 (EX_TEMPFAIL) and bounces on anything
+other than 0, 71 and 75, so an unexpected failure must map to 75, never to 1.
+
+Every exception that ends such a program derives from :class:`MailfeedError`
+and carries its exit code; :func:`exit_code_for` is the one place where any
+exception, ours or not, becomes an exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_DATAERR",
+    "EX_NOUSER",
+    "EX_OK",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
+    "EX_USAGE",
+    "ConfigError",
+    "DataError",
+    "MailfeedError",
+    "PermanentError",
+    "TempFailure",
+    "UnknownSite",
+    "UsageError",
+    "exit_code_for",
+]
+
+# sysexits.h values.
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+# errno values that a later retry may clear: the MTA keeps the message queued.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.ENOMEM,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.EROFS,
+    }
+)
+
+
+class MailfeedError(Exception):
+    """Base of mailfeed's errors; ``exit_code`` is the sysexits value."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class TempFailure(MailfeedError):
+    """A failure that a retry may clear: disk full, I/O error, lock timeout."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class PermanentError(MailfeedError):
+    """A failure that a retry will not clear."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class DataError(MailfeedError):
+    """Invalid input data: a bad address, a malformed block or message."""
+
+    exit_code = EX_DATAERR
+
+
+class UnknownSite(MailfeedError):
+    """The site named on the command line is not configured."""
+
+    exit_code = EX_NOUSER
+
+
+class UsageError(MailfeedError):
+    """Invalid command-line usage."""
+
+    exit_code = EX_USAGE
+
+
+class ConfigError(MailfeedError):
+    """Invalid or unreadable configuration."""
+
+    exit_code = EX_CONFIG
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Map any exception to the sysexits code the calling MTA should see.
+
+    Unknown exceptions are treated as transient, so the MTA keeps the mail.
+    """
+    if isinstance(exc, MailfeedError):
+        return exc.exit_code
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return EX_TEMPFAIL
+    return EX_TEMPFAIL

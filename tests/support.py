@@ -1,0 +1,145 @@
+"""Shared helpers for the test suite: peers, paths, unprivileged runs.
+
+A test that needs a peer program calls :func:`need`; it is skipped with the
+reason when the program is missing, unless MAILFEED_REQUIRE_PEERS is set (as
+.ci/run does), in which case it fails, so that CI never skips silently.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CORPUS_DIR = SHARED / "corpus" / "messages"
+CASES_DIR = SHARED / "cases"
+BIN_DIR = Path(sys.executable).parent
+# The unprivileged account that runs mailfeed-fwd and the peers when the
+# suite itself runs as root (Postfix's pipe transport never runs as root).
+RUN_USER = os.environ.get("MAILFEED_TEST_USER", "mail")
+
+
+def require_peers() -> bool:
+    return bool(os.environ.get("MAILFEED_REQUIRE_PEERS"))
+
+
+def need(*programs: str) -> dict[str, str]:
+    """Return the paths of the programs, or skip (fail in CI) if one is missing."""
+    found: dict[str, str] = {}
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/lib/dovecot"])
+    for name in programs:
+        path = shutil.which(name, path=search)
+        if path is None:
+            message = f"{name} is not installed"
+            if require_peers():
+                pytest.fail(message + " (MAILFEED_REQUIRE_PEERS is set)")
+            pytest.skip(message)
+        found[name] = path
+    return found
+
+
+def need_corpus() -> list[Path]:
+    files = sorted(CORPUS_DIR.glob("*.eml"))
+    if not files:
+        if require_peers():
+            pytest.fail(f"corpus not found at {CORPUS_DIR}")
+        pytest.skip(f"corpus not found at {CORPUS_DIR}")
+    return files
+
+
+def case_path(name: str) -> Path:
+    path = CASES_DIR / name
+    if not path.exists():
+        if require_peers():
+            pytest.fail(f"case file {path} not found")
+        pytest.skip(f"case file {path} not found")
+    return path
+
+
+def case_bytes(name: str) -> bytes:
+    return case_path(name).read_bytes()
+
+
+def case_json(name: str) -> Any:
+    return json.loads(case_path(name).read_text())
+
+
+def unescape(payload: str) -> bytes:
+    """Decode a dialogue payload written with Python bytes escapes."""
+    return codecs.escape_decode(payload.encode("latin-1"))[0]  # type: ignore[no-any-return]
+
+
+def script(name: str) -> str:
+    """Return the path of one of mailfeed's console scripts in this venv."""
+    path = BIN_DIR / name
+    if not path.exists():
+        pytest.fail(f"{path} not found: install mailfeed into this environment (make test)")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def run_user_ids() -> tuple[int, int]:
+    entry = pwd.getpwnam(RUN_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def as_run_user(argv: Sequence[str]) -> list[str]:
+    """Prefix a command so it runs as the unprivileged test user when we are root."""
+    if not is_root():
+        return list(argv)
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    return [setpriv, f"--reuid={RUN_USER}", f"--regid={RUN_USER}", "--init-groups", *argv]
+
+
+def shared_tmpdir(prefix: str = "mailfeed-test-") -> Path:
+    """Create a temporary folder that the unprivileged test user may write."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    if is_root():
+        uid, gid = run_user_ids()
+        os.chown(path, uid, gid)
+    return path
+
+
+def chown_tree(path: Path) -> None:
+    """Give a tree to the unprivileged test user (a no-op unless we are root)."""
+    if not is_root():
+        return
+    uid, gid = run_user_ids()
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chown(dirpath, uid, gid)
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def run(argv: Sequence[str], *, stdin: bytes = b"", env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(argv), input=stdin, capture_output=True, env=env, timeout=timeout,
+                          check=False)
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="latin-1") as fp:
+        yield from fp
