@@ -170,7 +170,9 @@ def normalise_domain(domain: str) -> str:
     return ascii_domain.lower()
 
 
-def parse_listen(section: Section, name: str, default: tuple[str, ...]) -> tuple[ListenAddress, ...]:
+def parse_listen(
+    section: Section, name: str, default: tuple[str, ...]
+) -> tuple[ListenAddress, ...]:
     """Read a list of ``host:port`` strings (IPv6 as ``[addr]:port``)."""
     result: list[ListenAddress] = []
     for text in section.get_str_list(name, list(default)):

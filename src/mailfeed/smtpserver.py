@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import email.utils
 import functools
@@ -53,7 +54,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, AnyStr, BinaryIO, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session as SmtpSession
+from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import Session as SmtpSession
 
 from mailfeed.config import Limits, MxSpoolConfig, SiteConfig
 from mailfeed.envelope import Envelope, InvalidAddress, validate_address
@@ -168,10 +171,10 @@ def check_recipient(routing: Routing, address: str, raw_argument: str) -> SiteCo
 def protocol_name(*, extended: bool, utf8: bool, tls: bool) -> str:
     """Return the ``with`` keyword of a Received field (RFC 3848, RFC 6531 3.7.3)."""
     if utf8:
-        name = "UTF8SMTP"
-    else:
-        name = "ESMTP" if extended else "SMTP"
-    return name + ("S" if tls else "")
+        return "UTF8SMTPS" if tls else "UTF8SMTP"
+    if extended:
+        return "ESMTPS" if tls else "ESMTP"
+    return "SMTPS" if tls else "SMTP"
 
 
 def build_received(
@@ -489,10 +492,8 @@ class MxSMTP(SMTP):
         if self.closing or self.transport is None:
             return
         self.closing = True
-        try:
+        with contextlib.suppress(ConnectionError, RuntimeError):
             await super().push(reply.format(hostname=self.owner.config.hostname))
-        except (ConnectionError, RuntimeError):
-            pass
         if self.transport is not None:
             self.transport.close()
 
