@@ -16,8 +16,9 @@ The daemon reads the same TOML file as ``mailfeed-fwd`` (``spool_root``,
     max_connections = 100                 # per protocol, all clients together
     max_connections_per_address = 10      # per protocol and client IP address
     smtp_timeout = 300                    # seconds without data from an SMTP client
-    pop3_timeout = 600                    # seconds without a command from a POP3 client
+    pop3_timeout = 600                    # seconds idle after POP3 login (at least 600)
     max_errors = 20                       # 4xx/5xx SMTP replies before 421 and close
+    max_bad_commands = 10                 # failed POP3 commands before the session ends
     max_line_length = 1048576             # octets of one SMTP line, CRLF included
     min_free_space = 104857600            # octets free on a spool filesystem, else 452
     storage_threads = 4                   # threads that write spools
@@ -97,6 +98,8 @@ class MxLimits:
     # least 10 minutes).
     pop3_timeout: float = 600.0
     max_errors: int = 20
+    # POP3 commands that fail before the session is closed.
+    max_bad_commands: int = 10
     # RFC 5321 section 4.5.3.1.6 sets 1000 octets, but section 4.5.3.1 asks
     # servers to avoid such limits, and real mail has longer lines.
     max_line_length: int = 1024 * 1024
@@ -234,8 +237,9 @@ def _parse_limits(mx: Section) -> MxLimits:
             "max_connections_per_address", defaults.max_connections_per_address, minimum=1
         ),
         smtp_timeout=mx.get_float("smtp_timeout", defaults.smtp_timeout, minimum=1.0),
-        pop3_timeout=mx.get_float("pop3_timeout", defaults.pop3_timeout, minimum=1.0),
+        pop3_timeout=mx.get_float("pop3_timeout", defaults.pop3_timeout, minimum=600.0),
         max_errors=mx.get_int("max_errors", defaults.max_errors, minimum=1),
+        max_bad_commands=mx.get_int("max_bad_commands", defaults.max_bad_commands, minimum=1),
         max_line_length=mx.get_int(
             "max_line_length", defaults.max_line_length, minimum=1001
         ),
