@@ -160,8 +160,8 @@ class MxDaemon:
             tls_context = make_tls_context(config)
             self.pop3.check(config)
         except (MailfeedError, OSError) as exc:
-            # The ready file changes before the log line, so a test that
-            # waits for the line sees the new generation.
+            # Write the ready file before logging, so that a test waiting for
+            # the log line reads the new generation.
             self.generation += 1
             self.write_ready(str(exc))
             log.error("reload failed, keeping the previous configuration: %s", exc)
@@ -234,7 +234,8 @@ class Pop3Listeners:
         for user in config.spool.sites:
             if user not in passwd:
                 log.warning(
-                    "site %s has no user in %s: nobody can fetch its mail over POP3",
+                    "site %s has no user in %s, so its mail cannot be fetched over POP3; "
+                    "add one with mailfeed site add or by hand",
                     user, config.passwd_file,
                 )
         return passwd

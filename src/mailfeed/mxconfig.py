@@ -27,10 +27,11 @@ The daemon reads the same TOML file as ``mailfeed-fwd`` (``spool_root``,
 ``[limits].max_message_size`` becomes the SMTP SIZE limit and
 ``[limits].max_recipients`` the RCPT limit of one transaction.
 
-Invariants: every domain and every address belongs to at most one site (a
-second claim is a :class:`ConfigError` naming both sites); domains are stored
-as lower-case A-labels (IDNA), addresses lower-case; exact address entries take
-precedence over domain entries.  Errors name the file, the key and the value.
+Invariants: every domain and every address belongs to at most one site, and a
+second claim is a :class:`ConfigError` naming both sites.  Domains are stored
+as lower-case A-labels (IDNA) and addresses in lower case.  Exact address
+entries take precedence over domain entries.  Errors name the file, the key
+and the value.
 """
 
 from __future__ import annotations
@@ -94,14 +95,14 @@ class MxLimits:
     # Seconds without any data from an SMTP client (RFC 5321 section 4.5.3.2
     # suggests at least 5 minutes for commands).
     smtp_timeout: float = 300.0
-    # Seconds without a command from a POP3 client (RFC 1939 section 3: at
-    # least 10 minutes).
+    # Seconds a logged-in POP3 client may stay idle (RFC 1939 section 3
+    # requires at least 10 minutes).
     pop3_timeout: float = 600.0
     max_errors: int = 20
     # POP3 commands that fail before the session is closed.
     max_bad_commands: int = 10
-    # RFC 5321 section 4.5.3.1.6 sets 1000 octets, but section 4.5.3.1 asks
-    # servers to avoid such limits, and real mail has longer lines.
+    # RFC 5321 section 4.5.3.1.6 sets 1000 octets, but section 4.5.3.1 tells
+    # implementations to avoid such limits, and real mail has longer lines.
     max_line_length: int = 1024 * 1024
     min_free_space: int = 100 * 1024 * 1024
     storage_threads: int = 4
@@ -110,7 +111,7 @@ class MxLimits:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which site receives mail for a recipient address.
+    """The map from recipient addresses to sites.
 
     ``addresses`` maps a lower-case address to its site and wins over
     ``domains``, which maps a lower-case A-label domain to its site.

@@ -45,7 +45,7 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def site_add(config: Path, name: str, domain: str) -> subprocess.CompletedProcess[bytes]:
-    argv = [script("mailfeed"), "site", "--config", str(config), "add", name,
+    argv = [script("mailfeed"), "site", "add", "--config", str(config), name,
             "--domain", domain, "--password-stdin"]
     result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
     assert result.returncode == 0, result.stderr.decode()
@@ -157,7 +157,7 @@ def test_site_add_then_pop3_retrieves_exact_bytes(setup: Path) -> None:
 def test_site_add_refuses_existing_site(setup: Path) -> None:
     site_add(setup, "site1", "example.org")
     before = setup.read_text()
-    argv = [script("mailfeed"), "site", "--config", str(setup), "add", "site1",
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
             "--domain", "example.net", "--password-stdin"]
     result = run(argv, stdin=b"other\n", env=environment())
     assert result.returncode == 64
@@ -167,7 +167,7 @@ def test_site_add_refuses_existing_site(setup: Path) -> None:
 
 def test_site_add_refuses_claimed_domain(setup: Path) -> None:
     site_add(setup, "site1", "example.org")
-    argv = [script("mailfeed"), "site", "--config", str(setup), "add", "site2",
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site2",
             "--domain", "EXAMPLE.org", "--password-stdin"]
     result = run(argv, stdin=b"other\n", env=environment())
     assert result.returncode == 78
