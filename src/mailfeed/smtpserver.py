@@ -464,6 +464,11 @@ class MxSMTP(SMTP):
         log.info("session=%s peer=%s disconnected", self.session_id, self.peer)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        if self.rejected:
+            return False
+        return super().eof_received()
+
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return
