@@ -199,3 +199,23 @@ def test_smtp_envelope_recorded_as_json_roundtrip() -> None:
         deliver(server, envelope, message)
     assert json.dumps(handler.transactions[0].recipients) == json.dumps(
         case_json("H08.envelope.json")["recipients"])
+
+
+def test_smtp_timeout_defers() -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org",))
+    script = [("EHLO", "250 scripted.test"), ("MAIL", "250 ok"), ("RCPT", "!stall")]
+    with scripted_server(script) as (port, _):
+        results = SmtpTarget("127.0.0.1", port, timeout=0.5).deliver(
+            envelope, io.BytesIO(b"x\r\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert "timed out" in results[0].text
+
+
+def test_smtp_452_first_recipient_defers_all() -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org", "b@example.org"))
+    handler = RecordingHandler(recipient_limit=0)
+    with ServerThread(handler) as server:
+        results = deliver(server, envelope, io.BytesIO(b"x\r\n"))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]
+    assert [r.code for r in results] == [452, 452]
+    assert handler.transactions == []
