@@ -12,10 +12,11 @@ Tables (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
 ``messages``
     one row per (source, UIDL): the SHA-256 digest of the full RETR bytes,
     the size, when it was first seen, its :class:`MessageStatus`, a reason
-    (quarantine or skip), the DSN status, and when it vanished from the server.
+    (quarantine or skip), and when it vanished from the server.
 ``recipients``
     one row per (message, recipient): :class:`RecipientOutcome`, the last SMTP
-    code and text, the time of the last update.
+    code and text, whether a DSN is owed (:class:`DsnStatus`), the time of
+    the last update.
 
 Invariants:
 
@@ -139,7 +140,6 @@ class MessageRecord:
     first_seen: float
     status: MessageStatus
     reason: str | None
-    dsn: DsnStatus
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,7 @@ class RecipientRecord:
     code: int | None
     text: str | None
     updated_at: float
+    dsn: DsnStatus = DsnStatus.NONE
 
 
 _SCHEMA_V1 = """
@@ -161,7 +162,6 @@ CREATE TABLE messages (
     first_seen REAL NOT NULL,
     status TEXT NOT NULL,
     reason TEXT,
-    dsn TEXT NOT NULL DEFAULT 'none',
     vanished_at REAL,
     updated_at REAL NOT NULL,
     UNIQUE (source, uidl)
@@ -175,6 +175,7 @@ CREATE TABLE recipients (
     outcome TEXT NOT NULL,
     code INTEGER,
     text TEXT,
+    dsn TEXT NOT NULL DEFAULT 'none',
     updated_at REAL NOT NULL,
     PRIMARY KEY (message_id, recipient)
 ) WITHOUT ROWID;
@@ -192,7 +193,7 @@ def _run_script(db: sqlite3.Connection, script: str) -> None:
         if statement.strip():
             db.execute(statement)
 
-_MESSAGE_COLUMNS = "id, source, uidl, digest, size, first_seen, status, reason, dsn"
+_MESSAGE_COLUMNS = "id, source, uidl, digest, size, first_seen, status, reason"
 
 
 def _message(row: tuple[Any, ...]) -> MessageRecord:
@@ -205,7 +206,6 @@ def _message(row: tuple[Any, ...]) -> MessageRecord:
         first_seen=float(row[5]),
         status=MessageStatus(row[6]),
         reason=None if row[7] is None else str(row[7]),
-        dsn=DsnStatus(row[8]),
     )
 
 
@@ -331,14 +331,19 @@ class StateStore:
 
     def recipients(self, message_id: int) -> list[RecipientRecord]:
         rows = self.db.execute(
-            "SELECT recipient, outcome, code, text, updated_at FROM recipients "
+            "SELECT recipient, outcome, code, text, updated_at, dsn FROM recipients "
             "WHERE message_id = ? ORDER BY position",
             (message_id,),
         )
         return [
-            RecipientRecord(str(r[0]), RecipientOutcome(r[1]), r[2], r[3], float(r[4]))
+            RecipientRecord(str(r[0]), RecipientOutcome(r[1]), r[2], r[3], float(r[4]),
+                            DsnStatus(r[5]))
             for r in rows
         ]
+
+    def dsn_owed(self, message_id: int) -> list[RecipientRecord]:
+        """Return the failed recipients whose DSN has not been handed over yet."""
+        return [r for r in self.recipients(message_id) if r.dsn == DsnStatus.PENDING]
 
     def count(self, source: str | None = None) -> int:
         if source is None:
@@ -355,7 +360,8 @@ class StateStore:
                       recipients: Sequence[str]) -> MessageRecord:
         """Record a retrieved message and its recipients (pending unless known).
 
-        Recipients already recorded keep their outcome.  Returns the record.
+        Recipients already recorded keep their outcome; a FINAL or DELE_SENT
+        status is kept, any other becomes DELIVERING.  Returns the record.
         """
         now = self.clock()
         with self._transaction():
@@ -363,8 +369,10 @@ class StateStore:
                 "INSERT INTO messages (source, uidl, digest, size, first_seen, status, "
                 "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (source, uidl) DO UPDATE SET digest = excluded.digest, "
-                "size = excluded.size, updated_at = excluded.updated_at, vanished_at = NULL",
-                (source, uidl, digest, size, now, str(MessageStatus.DELIVERING), now),
+                "size = excluded.size, updated_at = excluded.updated_at, vanished_at = NULL, "
+                "status = CASE WHEN status IN (?, ?) THEN status ELSE excluded.status END",
+                (source, uidl, digest, size, now, str(MessageStatus.DELIVERING), now,
+                 str(MessageStatus.FINAL), str(MessageStatus.DELE_SENT)),
             )
             message_id = self._id(source, uidl)
             self.db.executemany(
@@ -382,33 +390,40 @@ class StateStore:
     def record_outcomes(self, message_id: int,
                         outcomes: Iterable[tuple[str, RecipientOutcome, int | None, str | None]],
                         ) -> None:
-        """Store each recipient's outcome (recipient, outcome, code, text) durably."""
+        """Store each recipient's outcome (recipient, outcome, code, text) durably.
+
+        A FAILED outcome also marks the recipient's DSN as pending.
+        """
         now = self.clock()
+        pending, none = str(DsnStatus.PENDING), str(DsnStatus.NONE)
         with self._transaction():
             self.db.executemany(
-                "UPDATE recipients SET outcome = ?, code = ?, text = ?, updated_at = ? "
-                "WHERE message_id = ? AND recipient = ?",
+                "UPDATE recipients SET outcome = ?, code = ?, text = ?, updated_at = ?, "
+                "dsn = ? WHERE message_id = ? AND recipient = ?",
                 [
-                    (str(outcome), code, text, now, message_id, rcpt)
+                    (str(outcome), code, text, now,
+                     pending if outcome == RecipientOutcome.FAILED else none, message_id, rcpt)
                     for rcpt, outcome, code, text in outcomes
                 ],
             )
 
+    def set_recipient_dsn(self, message_id: int, recipients: Sequence[str],
+                          dsn: DsnStatus) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE recipients SET dsn = ?, updated_at = ? "
+                "WHERE message_id = ? AND recipient = ?",
+                [(str(dsn), self.clock(), message_id, rcpt) for rcpt in recipients],
+            )
+
     def set_status(self, message_id: int, status: MessageStatus, *,
-                   reason: str | None = None, dsn: DsnStatus | None = None) -> None:
+                   reason: str | None = None) -> None:
         now = self.clock()
         with self._transaction():
             self.db.execute(
                 "UPDATE messages SET status = ?, reason = coalesce(?, reason), "
-                "dsn = coalesce(?, dsn), updated_at = ? WHERE id = ?",
-                (str(status), reason, None if dsn is None else str(dsn), now, message_id),
-            )
-
-    def set_dsn(self, message_id: int, dsn: DsnStatus) -> None:
-        with self._transaction():
-            self.db.execute(
-                "UPDATE messages SET dsn = ?, updated_at = ? WHERE id = ?",
-                (str(dsn), self.clock(), message_id),
+                "updated_at = ? WHERE id = ?",
+                (str(status), reason, now, message_id),
             )
 
     def mark_kept(self, source: str, uidl: str, status: MessageStatus, reason: str, *,
@@ -448,18 +463,18 @@ class StateStore:
         with self._transaction():
             self.db.execute(
                 "INSERT INTO messages (source, uidl, digest, size, first_seen, status, reason, "
-                "dsn, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (source, uidl) DO UPDATE SET digest = excluded.digest, "
-                "size = excluded.size, status = excluded.status, dsn = excluded.dsn, "
+                "size = excluded.size, status = excluded.status, "
                 "updated_at = excluded.updated_at, vanished_at = NULL",
                 (old.source, new_uidl, digest, size, old.first_seen, str(status), old.reason,
-                 str(old.dsn), now),
+                 now),
             )
             new_id = self._id(old.source, new_uidl)
             self.db.execute(
                 "INSERT OR REPLACE INTO recipients (message_id, position, recipient, outcome, "
-                "code, text, updated_at) SELECT ?, position, recipient, outcome, code, text, "
-                "updated_at FROM recipients WHERE message_id = ?",
+                "code, text, dsn, updated_at) SELECT ?, position, recipient, outcome, code, "
+                "text, dsn, updated_at FROM recipients WHERE message_id = ?",
                 (new_id, old.id),
             )
             self.db.execute(

@@ -63,7 +63,7 @@ def test_outcomes_survive_reopen(tmp_path: Path) -> None:
     with StateStore.open(tmp_path / "s.db") as store:
         record = store.begin_message("s1", "u1", "d1", 10, ["a@x"])
         store.record_outcomes(record.id, [("a@x", RecipientOutcome.DELIVERED, 250, "ok")])
-        store.set_status(record.id, MessageStatus.FINAL, dsn=DsnStatus.NONE)
+        store.set_status(record.id, MessageStatus.FINAL)
     with StateStore.open(tmp_path / "s.db") as store:
         again = store.get("s1", "u1")
         assert again is not None
@@ -166,3 +166,13 @@ def test_many_rows_still_answer(tmp_path: Path) -> None:
         assert "messages_digest" in str(plan)
         assert store.prune("s1", wanted) == 100_000 - len(wanted)
         assert store.count("s1") == len(wanted)
+
+
+def test_failed_recipient_owes_dsn(store: StateStore) -> None:
+    record = store.begin_message("s1", "u1", "d1", 10, ["a@x", "b@x"])
+    store.record_outcomes(record.id, [("a@x", RecipientOutcome.FAILED, 550, "no such user"),
+                                      ("b@x", RecipientOutcome.DELIVERED, 250, "ok")])
+    assert [r.recipient for r in store.dsn_owed(record.id)] == ["a@x"]
+    store.set_recipient_dsn(record.id, ["a@x"], DsnStatus.SENT)
+    assert store.dsn_owed(record.id) == []
+    assert store.recipients(record.id)[0].dsn == DsnStatus.SENT
