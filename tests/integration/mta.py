@@ -124,7 +124,8 @@ def scripted_server(script: list[tuple[str, str]]) -> Iterator[tuple[int, list[b
 
     Each step is (expected command prefix, reply bytes).  The prefix "*DATA"
     reads the message up to the final "." line and then sends the reply;
-    the reply "!close" closes the connection.  Received lines are recorded.
+    the reply "!close" closes the connection, and so does the prefix
+    "!close" without reading a line.  Received lines are recorded.
     """
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
@@ -139,6 +140,8 @@ def scripted_server(script: list[tuple[str, str]]) -> Iterator[tuple[int, list[b
         with conn, conn.makefile("rb") as reader:
             conn.sendall(b"220 scripted.test ready\r\n")
             for prefix, reply in script:
+                if prefix == "!close":
+                    return
                 if prefix == "*DATA":
                     while True:
                         line = reader.readline()
