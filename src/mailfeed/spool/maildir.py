@@ -27,8 +27,6 @@ import contextlib
 import errno
 import itertools
 import os
-import secrets
-import socket
 import threading
 import time
 from pathlib import Path
@@ -61,7 +59,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _hostname() -> str:
     # The Maildir name uses '/' as nothing and ':' as the info separator.
-    return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+    return os.uname().nodename.replace("/", "\\057").replace(":", "\\072") or "localhost"
 
 
 def unique_name() -> str:
@@ -71,7 +69,7 @@ def unique_name() -> str:
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{seq}R{secrets.token_hex(8)}.{_hostname()}"
+    return f"{sec}.M{usec}P{os.getpid()}Q{seq}R{os.urandom(8).hex()}.{_hostname()}"
 
 
 def _open_dir(name: str, parent_fd: int | None, shown: Path) -> int:

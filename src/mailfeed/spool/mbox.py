@@ -31,7 +31,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import stat
 import threading
 import time
@@ -186,7 +185,7 @@ class StoredMbox:
 
 
 def _hostname() -> str:
-    return socket.gethostname() or "localhost"
+    return os.uname().nodename or "localhost"
 
 
 def _pid_alive(pid: int) -> bool:
