@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import logging
 import ssl
 import tempfile
@@ -49,6 +50,7 @@ from typing import BinaryIO
 
 from mailfeed import pop3client
 from mailfeed.delivery import Outcome, RecipientResult, Target
+from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
 from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
 from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL
 from mailfeed.faults import fault_point
@@ -73,6 +75,7 @@ __all__ = [
     "RunReport",
     "SourceReport",
     "combine_exit_codes",
+    "dsn_sender_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -187,6 +190,36 @@ def file_digest(message: BinaryIO) -> str:
     while chunk := message.read(HASH_CHUNK):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_header_section(message: BinaryIO, limit: int = MAX_HEADER_OCTETS) -> bytes:
+    """Read the header section from the current position, up to ``limit`` octets."""
+    lines: list[bytes] = []
+    total = 0
+    while total < limit:
+        line = message.readline(limit - total)
+        if line in (b"", b"\n", b"\r\n"):
+            break
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+def dsn_sender_for(target: Target, reporting_mta: str) -> DsnSender:
+    """Return a DsnSender that builds an RFC 3464 DSN and delivers it through ``target``."""
+
+    def send(envelope: Envelope, failed: Sequence[RecipientRecord], message: BinaryIO,
+             ) -> Outcome:
+        results = [
+            RecipientResult(row.recipient, Outcome.FAILED, row.code or 550, row.text or "")
+            for row in failed
+        ]
+        report = build_dsn(envelope, results, read_header_section(message),
+                           reporting_mta=reporting_mta)
+        outcome = target.deliver(dsn_envelope(envelope), io.BytesIO(report))
+        return outcome[0].outcome if outcome else Outcome.DEFERRED
+
+    return send
 
 
 def ssl_context_for(source: SourceConfig) -> ssl.SSLContext | None:
