@@ -89,7 +89,8 @@ class MboxrdEncoder:
     """Turn a stream of chunks into mboxrd lines: CRLF to LF, ``^>*From `` quoted.
 
     Chunks may split lines anywhere.  :attr:`size` and :attr:`wsize` count
-    what a reader gets back after removing the quoting.
+    what a reader gets back after removing the quoting, including the LF
+    added at the end when the message has none.
     """
 
     def __init__(self) -> None:
@@ -170,7 +171,7 @@ class MboxrdEncoder:
             self._in_prefix = False
             yield self._count(self._tail)
         if self._last != b"\n":
-            yield b"\n"
+            yield self._count(b"\n")
         yield b"\n"
 
 
@@ -248,11 +249,11 @@ def _open_mbox(name: str, dir_fd: int, shown: Path) -> int:
         fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise TempFailure(f"refusing mbox {shown}: it is a symbolic link") from None
+            raise TempFailure(f"mbox {shown} rejected: it is a symbolic link") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise TempFailure(f"refusing mbox {shown}: it is not a regular file")
+        raise TempFailure(f"mbox {shown} rejected: it is not a regular file")
     return fd
 
 
