@@ -12,11 +12,21 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
   them could turn the site into a relay), addresses without a domain (so
   even ``<postmaster>`` is rejected, because no site has a postmaster
   mailbox for the MX host itself), address literals and domains with a trailing dot.
+* DATA is read by :meth:`MxSMTP.smtp_DATA`, which overrides aiosmtpd's
+  because aiosmtpd 1.4 keeps the whole message in memory until the final
+  ``.``.  The override reads the lines into
+  :class:`mailfeed.smtpdata.MessageData` (a bounded buffer, then an unnamed
+  temporary file in the spool root) and keeps aiosmtpd's checks and its
+  ``354``, ``501`` and ``503`` replies.  It uses aiosmtpd's documented
+  ``smtp_<COMMAND>`` override and ``check_helo_needed``/``check_auth_needed``,
+  and the private ``_reader`` and ``_set_post_data_state`` (aiosmtpd 1.4.6).
+  A message over ``max_message_size`` gets ``552 5.3.4`` and a line over
+  ``max_line_length`` ``500 5.5.2``, both after the final ``.``.
 * Message data with a bare CR or a bare LF is rejected with ``550 5.6.0``
-  (RFC 5321 section 2.3.8 allows CR and LF only together).  aiosmtpd ends
-  DATA only at ``<CRLF>.<CRLF>``, so ``<LF>.<LF>`` and ``<LF>.<CRLF>`` never
-  end a message early, and the rejection drops the whole data, so text
-  smuggled after them never becomes a second message.
+  (RFC 5321 section 2.3.8 allows CR and LF only together).  DATA ends only at
+  ``<CRLF>.<CRLF>``, so ``<LF>.<LF>`` and ``<LF>.<CRLF>`` never end a message
+  early, and the rejection drops the whole data, so text smuggled after them
+  never becomes a second message.
 * A transaction whose recipients belong to several sites is stored once per
   site, each copy with only that site's recipients in its block and its own
   ``Received:`` field (RFC 5321 section 4.4) between block and message.
@@ -29,12 +39,12 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
 * Less than ``min_free_space`` octets free on the spool filesystem (plus the
   announced SIZE) is answered ``452 4.3.1`` at MAIL and at RCPT, before DATA.
 
-Invariants: nothing is written before the final ``.`` of DATA.  A site's copy
-contains only that site's recipients.  The reply to DATA is sent after
-storage ends, never before.
-
-NOTE: aiosmtpd 1.4 keeps the whole message data in memory until the final
-``.``, so peak memory grows with max_connections times max_message_size.
+Invariants: nothing is written to a spool before the final ``.`` of DATA.  A
+site's copy contains only that site's recipients.  The reply to DATA is sent
+after storage ends, never before.  A session keeps at most ``DATA_BUFFER_SIZE``
+octets of message data in memory plus about two lines; its temporary file is
+closed, and so removed, on every path: stored, rejected, failed, disconnected
+or shut down.
 """
 
 from __future__ import annotations
@@ -45,7 +55,6 @@ import contextlib
 import dataclasses
 import email.utils
 import functools
-import io
 import logging
 import os
 import secrets
@@ -64,9 +73,12 @@ from aiosmtpd.smtp import Session as SmtpSession
 from mailfeed.config import Limits, MxSpoolConfig, SiteConfig
 from mailfeed.envelope import Envelope, InvalidAddress, validate_address
 from mailfeed.mxconfig import ListenAddress, MxConfig, MxLimits, Routing
+from mailfeed.smtpdata import DATA_BUFFER_SIZE, DataRejection, MessageData, find_bare_newline
 
 __all__ = [
     "ERR_BARE_NEWLINE",
+    "ERR_LINE_TOO_LONG",
+    "ERR_MESSAGE_TOO_BIG",
     "ERR_NO_SPACE",
     "ERR_RELAY_DENIED",
     "ERR_STORAGE",
@@ -90,6 +102,16 @@ ERR_RELAY_DENIED = "550 5.7.1 <{address}>: relay access denied"
 # RFC 5321 section 2.3.8: CR and LF must appear only together as CRLF.
 # RFC 3463 section 3.7: X.6.0 other or undefined media error.
 ERR_BARE_NEWLINE = "550 5.6.0 Message data contains a bare CR or LF; end every line with CRLF"
+# RFC 1870 section 6.3: 552 after the data of a message over the size limit;
+# RFC 3463 section 3.4: X.3.4 message too big for system.
+ERR_MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big, the limit is {limit} octets"
+# RFC 5321 section 4.5.3.1.6 (text line length); RFC 3463 section 3.6: X.5.2
+# syntax error.
+ERR_LINE_TOO_LONG = "500 5.5.2 Error: line too long, the limit is {limit} octets with CRLF"
+# aiosmtpd 1.4's replies to DATA, kept unchanged (RFC 5321 section 4.3.2).
+DATA_START = "354 End data with <CR><LF>.<CR><LF>"
+ERR_DATA_NEEDS_RCPT = "503 Error: need RCPT command"
+ERR_DATA_SYNTAX = "501 Syntax: DATA"
 # RFC 3463 section 3.4: X.3.0 other or undefined mail system status.
 ERR_STORAGE = "451 4.3.0 Error: cannot store the message now, try again later"
 # RFC 3463 section 3.4: X.3.1 mail system full.
@@ -135,19 +157,6 @@ def free_space(path: Path) -> int:
         probe = probe.parent
     stat = os.statvfs(probe)
     return stat.f_bavail * stat.f_frsize
-
-
-def find_bare_newline(data: bytes) -> int:
-    """Return the offset of the first bare CR or bare LF in ``data``, or -1."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return -1
-    for offset, octet in enumerate(data):
-        if octet == 0x0D and data[offset + 1 : offset + 2] != b"\n":
-            return offset
-        if octet == 0x0A and (offset == 0 or data[offset - 1] != 0x0D):
-            return offset
-    return -1  # pragma: no cover - the counts above differ only with a bare one
 
 
 def printable(text: str, limit: int = 256) -> str:
@@ -354,15 +363,20 @@ class MxHandler:
         envelope.routes.append((address, site))
         return OK_RECIPIENT
 
-    async def handle_DATA(
-        self, smtp: MxSMTP, session: SmtpSession, envelope: MxEnvelope
+    async def store_data(
+        self, smtp: MxSMTP, session: SmtpSession, envelope: MxEnvelope, data: MessageData
     ) -> str:
-        content = envelope.original_content or b""
-        bare = find_bare_newline(content)
-        if bare >= 0:
+        """Check and store the data of a DATA command; return the reply.
+
+        :meth:`MxSMTP.smtp_DATA` calls it in place of aiosmtpd's
+        ``handle_DATA`` hook, after the final ``.`` and only for data without
+        a line or size rejection.
+        """
+        if data.bare_offset >= 0:
             log.warning(
                 "session=%s peer=%s message rejected: bare %s at offset %d of DATA",
-                smtp.session_id, smtp.peer, "CR" if content[bare] == 0x0D else "LF", bare,
+                smtp.session_id, smtp.peer, "CR" if data.bare_octet == 0x0D else "LF",
+                data.bare_offset,
             )
             return ERR_BARE_NEWLINE
         queue_id = self.server.queue_ids()
@@ -386,8 +400,8 @@ class MxHandler:
         # client would then resend a message that may be stored.
         smtp.pause_timeout()
         try:
-            copies = await self.server.run_storage(
-                self.server.store_copies, groups, sender, content, received
+            copies = await data.run(
+                self.server.executor, self.server.store_copies, groups, sender, data, received
             )
         except StorageError as exc:
             if exc.stored:
@@ -410,7 +424,7 @@ class MxHandler:
                 "session=%s peer=%s queue_id=%s site=%s stored=%s sender=<%s> recipients=%d "
                 "size=%d",
                 smtp.session_id, smtp.peer, queue_id, copy.site, copy.result, sender,
-                len(copy.recipients), len(content),
+                len(copy.recipients), data.size,
             )
         return OK_QUEUED.format(queue_id=queue_id)
 
@@ -422,6 +436,7 @@ class MxSMTP(SMTP):
     """
 
     def __init__(self, owner: SmtpServer, handler: MxHandler, **kwargs: Any) -> None:
+        self.mx_handler = handler
         limits = owner.config.limits
         # aiosmtpd sizes its StreamReader from this attribute in __init__.
         self.line_length_limit = limits.max_line_length
@@ -476,6 +491,64 @@ class MxSMTP(SMTP):
         # so a long DATA that keeps flowing is not cut off.
         self._reset_timeout()
         super().data_received(data)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """Receive message data into a bounded buffer, then store it.
+
+        This replaces aiosmtpd 1.4.6's ``SMTP.smtp_DATA``, which keeps every
+        line in memory.  The checks before ``354`` and their replies are
+        aiosmtpd's.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope, session = self.envelope, self.session
+        assert isinstance(envelope, MxEnvelope) and session is not None
+        if not envelope.rcpt_tos:
+            await self.push(ERR_DATA_NEEDS_RCPT)
+            return
+        if arg:
+            await self.push(ERR_DATA_SYNTAX)
+            return
+        await self.push(DATA_START)
+        data = MessageData(
+            spill_dir=self.owner.spool.spool_root,
+            executor=self.owner.data_executor,
+            size_limit=self.data_size_limit,
+            line_length_limit=self.line_length_limit,
+            buffer_size=self.owner.data_buffer_size,
+            session_id=self.session_id,
+        )
+        try:
+            try:
+                await data.receive(self._reader)
+            except asyncio.CancelledError:
+                # aiosmtpd cancels this coroutine when the connection ends.
+                log.info("session=%s peer=%s connection lost during DATA",
+                         self.session_id, self.peer)
+                self._writer.close()
+                raise
+            except asyncio.IncompleteReadError:
+                log.info("session=%s peer=%s connection closed during DATA",
+                         self.session_id, self.peer)
+                self._writer.close()
+                return
+            if data.rejection is DataRejection.LINE_TOO_LONG:
+                reply = ERR_LINE_TOO_LONG.format(limit=self.line_length_limit)
+            elif data.rejection is DataRejection.TOO_BIG:
+                reply = ERR_MESSAGE_TOO_BIG.format(limit=self.data_size_limit)
+            elif data.rejection is DataRejection.WRITE_FAILED:
+                reply = ERR_STORAGE
+            else:
+                reply = await self.mx_handler.store_data(self, session, envelope, data)
+            if data.rejection is not None:
+                log.info("session=%s peer=%s message rejected: %s after %d octets",
+                         self.session_id, self.peer, data.rejection.value, data.size)
+        finally:
+            data.close()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.last_rcpt_argument = arg or ""
@@ -562,6 +635,7 @@ class SmtpServer:
         clock: Callable[[], datetime] | None = None,
         queue_ids: Callable[[], str] = new_queue_id,
         session_ids: Callable[[], str] = lambda: secrets.token_hex(4),
+        data_buffer_size: int = DATA_BUFFER_SIZE,
     ) -> None:
         self.config = config
         self.tls_context = tls_context
@@ -576,6 +650,12 @@ class SmtpServer:
         self.executor = ThreadPoolExecutor(
             max_workers=config.limits.storage_threads, thread_name_prefix="mailfeed-store"
         )
+        # Writes of message data to temporary files, apart from storage so
+        # that a slow spool (a pipe to an LDA) does not stall receiving.
+        self.data_executor = ThreadPoolExecutor(
+            max_workers=config.limits.storage_threads, thread_name_prefix="mailfeed-data"
+        )
+        self.data_buffer_size = data_buffer_size
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
@@ -614,15 +694,11 @@ class SmtpServer:
             log.error("cannot measure free space of %s: %s; replying 452", path, exc)
             return False
 
-    async def run_storage(self, func: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(func, *args))
-
     def store_copies(
         self,
         groups: list[tuple[SiteConfig, list[str]]],
         sender: str,
-        content: bytes,
+        data: MessageData,
         received: Callable[..., bytes],
     ) -> list[StoredCopy]:
         """Store one copy per site, in order; raise StorageError on the first failure.
@@ -641,7 +717,8 @@ class SmtpServer:
                 )
             try:
                 envelope = Envelope(sender, tuple(recipients))
-                result = store(site, envelope, io.BytesIO(trace + content), site_limits)
+                with data.open_reader(trace) as message:
+                    result = store(site, envelope, message, site_limits)
             except Exception as exc:  # every failure becomes a 451, never a lost message
                 raise StorageError(site.name, exc, stored) from exc
             stored.append(StoredCopy(site.name, tuple(recipients), _stored_name(result)))
@@ -722,10 +799,11 @@ class SmtpServer:
             )
             for conn in list(self.connections):
                 conn.abort()
-        # A storage call already under way finishes before the process exits.
-        await asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self.executor.shutdown, wait=True)
-        )
+        # A storage call or temporary file write already under way finishes
+        # before the process exits.
+        loop = asyncio.get_running_loop()
+        for executor in (self.data_executor, self.executor):
+            await loop.run_in_executor(None, functools.partial(executor.shutdown, wait=True))
 
 
 def _peer_address(peer: Any) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import poplib
@@ -9,17 +12,22 @@ import queue
 import signal
 import smtplib
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pytest
 
+from mailfeed import pop3client
 from mailfeed.envelope import parse_block
+from mailfeed.pop3client import RetrResult, TlsMode
 from tests.integration.smtp_support import RawClient, stored_files, tmp_files
 from tests.support import ROOT, run, script
 
 PASSWORD = "pw-site1-example"
+RSS_PROBE = Path(__file__).resolve().parent.parent / "rss_probe.py"
 MESSAGE = (
     b"From: alice@example.net\r\nTo: bob@example.org\r\nSubject: over pop3\r\n\r\n"
     b"body line\r\n.dot line\r\n\r\nlast\r\n"
@@ -44,9 +52,11 @@ def environment(**extra: str) -> dict[str, str]:
     return env
 
 
-def site_add(config: Path, name: str, domain: str) -> subprocess.CompletedProcess[bytes]:
+def site_add(
+    config: Path, name: str, domain: str, *options: str
+) -> subprocess.CompletedProcess[bytes]:
     argv = [script("mailfeed"), "site", "add", "--config", str(config), name,
-            "--domain", domain, "--password-stdin"]
+            "--domain", domain, "--password-stdin", *options]
     result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
     assert result.returncode == 0, result.stderr.decode()
     return result
@@ -55,11 +65,15 @@ def site_add(config: Path, name: str, domain: str) -> subprocess.CompletedProces
 class Daemon:
     """A ``mailfeed mx`` process whose stderr lines are collected by a thread."""
 
-    def __init__(self, config: Path, **env: str) -> None:
+    def __init__(self, config: Path, *, rss_file: Path | None = None, **env: str) -> None:
         self.ready_file = config.with_name("ready.json")
+        argv = [script("mailfeed"), "mx", "--config", str(config), "--ready-file",
+                str(self.ready_file), "-v"]
+        if rss_file is not None:
+            # The probe writes the daemon's peak RSS to rss_file when it exits.
+            argv = [sys.executable, str(RSS_PROBE), str(rss_file), *argv]
         self.process = subprocess.Popen(
-            [script("mailfeed"), "mx", "--config", str(config), "--ready-file",
-             str(self.ready_file), "-v"],
+            argv,
             stderr=subprocess.PIPE,
             env=environment(**env),
         )
@@ -69,6 +83,7 @@ class Daemon:
         self.reader.start()
         self.wait_for("mailfeed mx started")
         self.ready = json.loads(self.ready_file.read_text())
+        self.pid = int(self.ready["pid"])
         self.smtp_port = self.ready["smtp"][0][1]
         self.pop3_port = self.ready["pop3"][0][1] if self.ready.get("pop3") else None
 
@@ -92,11 +107,15 @@ class Daemon:
                 return line
 
     def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
+        # The daemon's own pid: with rss_file, self.process is the probe.
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
     def stop(self) -> int:
         if self.process.poll() is None:
-            self.process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
         code = self.process.wait(timeout=30)
         self.reader.join(timeout=10)
         while not self.lines.empty():
@@ -263,3 +282,132 @@ def test_kill_during_storage_sends_no_250(setup: Path) -> None:
     finally:
         daemon.stop()
     assert stored_files(setup.parent / "spool" / "site1") == []
+
+
+LARGE_SIZE = 200 * 1024 * 1024
+RSS_LIMIT_KIB = 64 * 1024
+LARGE_FIRST_LINE = b"From: alice@example.net\r\n"
+
+
+def large_message_lines() -> Iterator[bytes]:
+    """Yield the lines of a message of LARGE_SIZE octets, each ending in CRLF.
+
+    Every line carries its number, and every seventh starts with a dot, so
+    a lost, repeated or wrongly unstuffed line changes the digest.
+    """
+    head = LARGE_FIRST_LINE + b"To: bob@example.org\r\nSubject: large\r\n\r\n"
+    yield head
+    size = len(head)
+    number = 0
+    while size < LARGE_SIZE:
+        lead = b"." if number % 7 == 0 else b"x"
+        line = lead + b"%09d " % number + b"y" * 986 + b"\r\n"
+        line = line[: LARGE_SIZE - size - 2] + b"\r\n" if size + len(line) > LARGE_SIZE else line
+        yield line
+        size += len(line)
+        number += 1
+
+
+def send_large_message(port: int) -> tuple[int, str]:
+    """Send the large message over SMTP, streaming; return its size and SHA-256."""
+    client = start_data(port)
+    digest = hashlib.sha256()
+    size = 0
+    batch: list[bytes] = []
+    batch_size = 0
+    for line in large_message_lines():
+        digest.update(line)
+        size += len(line)
+        batch.append(b"." + line if line.startswith(b".") else line)
+        batch_size += len(batch[-1])
+        if batch_size >= 1024 * 1024:
+            client.send(b"".join(batch))
+            batch.clear()
+            batch_size = 0
+    client.send(b"".join(batch) + b".\r\n")
+    reply = client.reply()
+    assert reply.startswith(b"250 2.0.0 OK: queued as "), reply
+    client.command(b"QUIT\r\n")
+    client.close()
+    return size, digest.hexdigest()
+
+
+def file_digest(path: Path, offset: int = 0) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        stream.seek(offset)
+        while chunk := stream.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def peak_rss_kib(pid: int) -> int:
+    """Return VmHWM, the peak resident set size of a live process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM line in /proc/{pid}/status")
+
+
+class DigestSink:
+    """A POP3 retrieve sink that hashes what it receives instead of keeping it."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+async def retrieve_first(port: int, sink: DigestSink) -> RetrResult:
+    client = await pop3client.connect("127.0.0.1", port, tls=TlsMode.NONE)
+    async with client:
+        await client.login("site1", PASSWORD)
+        sizes = await client.list_all()
+        results = [
+            result
+            async for result in client.retrieve(
+                [1], open_sink=lambda _msgnum: cast(BinaryIO, sink), expected_sizes=sizes
+            )
+        ]
+        await client.quit()
+    return results[0]
+
+
+@pytest.mark.slow
+def test_200mb_message_through_smtp_and_pop3(setup: Path) -> None:
+    setup.write_text(setup.read_text() + "\n[limits]\nmax_message_size = 0\n")
+    # mailfeed.pop3client logs in with SCRAM-SHA-256 whenever the server
+    # offers it, and the server can verify SCRAM only for a SCRAM entry.
+    site_add(setup, "site1", "example.org", "--scheme", "SCRAM-SHA-256")
+    rss_file = setup.with_name("peak-rss")
+    daemon = Daemon(setup, rss_file=rss_file)
+    try:
+        size, digest = send_large_message(daemon.smtp_port)
+        after_smtp = peak_rss_kib(daemon.pid)
+        [stored] = stored_files(setup.parent / "spool" / "site1")
+        with stored.open("rb") as stream:
+            offset = stream.read(4096).index(LARGE_FIRST_LINE)
+        assert stored.stat().st_size - offset == size
+        assert file_digest(stored, offset) == digest
+
+        sink = DigestSink()
+        result = asyncio.run(retrieve_first(daemon.pop3_port, sink))
+        after_pop3 = peak_rss_kib(daemon.pid)
+        assert result.ok, result.error
+        assert sink.size == stored.stat().st_size
+        assert sink.digest.hexdigest() == file_digest(stored)
+
+        daemon.signal(signal.SIGTERM)
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+    at_exit = int(rss_file.read_text())
+    print(f"mailfeed mx peak RSS: {after_smtp} KiB after SMTP, {after_pop3} KiB after POP3, "
+          f"{at_exit} KiB at exit")
+    assert after_smtp < RSS_LIMIT_KIB
+    assert after_pop3 < RSS_LIMIT_KIB
+    assert at_exit < RSS_LIMIT_KIB
