@@ -184,3 +184,19 @@ def expected_spool_bytes(block_for: Any, message: bytes) -> bytes:
     end = message.find(b"\n")
     bare_lf = end >= 0 and message[end - 1 : end] != b"\r"
     return bytes(block_for(b"\n" if bare_lf else b"\r\n")) + message
+
+
+def open_files_in(folder: Path) -> list[str]:
+    """Return the targets of this process's open file descriptors inside ``folder``.
+
+    An unnamed temporary file (O_TMPFILE) shows as ``folder/#INODE (deleted)``.
+    """
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith(str(folder) + os.sep):
+            targets.append(target)
+    return targets

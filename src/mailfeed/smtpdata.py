@@ -1,7 +1,7 @@
 """Receive SMTP message data into a bounded buffer and an unnamed temporary file.
 
 aiosmtpd 1.4 collects every DATA line in a list until the final ``.``, so a
-session holds the whole message in memory.  :class:`MessageData` replaces that
+session keeps the whole message in memory.  :class:`MessageData` replaces that
 list: it keeps at most ``buffer_size`` octets in memory and writes the rest,
 chunk by chunk, to a temporary file in the spool root.  The file is created
 with :func:`tempfile.TemporaryFile`, which on Linux opens it with
@@ -23,9 +23,10 @@ Per line, :meth:`MessageData.receive` does what RFC 5321 asks of a receiver:
   dropped, and reading goes on to the final ``.``, so the reply comes after
   it (section 4.2.5) and the session stays in step.
 
-Invariants: memory per session stays below ``buffer_size`` plus one line
-(plus the stream reader's buffer, which aiosmtpd bounds at twice the line
-limit).  File writes and reads run in worker threads, never in the event
+Invariants: a session keeps at most ``buffer_size`` octets plus one line of
+message data in memory, besides its stream reader's buffer (asyncio pauses
+reading above twice the reader's limit, which aiosmtpd sets to the line
+length limit).  File writes and reads run in worker threads, never in the event
 loop.  The file is closed only after the last thread job that uses it ends,
 so a job never sees a closed or reused file descriptor.
 """
@@ -64,7 +65,7 @@ T = TypeVar("T")
 
 
 class DataRejection(enum.Enum):
-    """Why the data of one DATA command cannot be accepted."""
+    """The reason the data of one DATA command is rejected."""
 
     LINE_TOO_LONG = "line too long"
     TOO_BIG = "message too big"

@@ -6,6 +6,7 @@ import itertools
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.integration.smtp_support import (
     tmp_files,
     write_config,
 )
-from tests.support import case_bytes, need, run
+from tests.support import case_bytes, need, open_files_in, run
 
 FIXED_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 MESSAGE = (
@@ -500,3 +501,124 @@ def test_swaks_delivery_over_starttls(tls_server: LoopServer, tmp_path: Path) ->
     assert len(site2) == 1
     assert site1[0].read_bytes().endswith(b"+0000\r\n" + body.encode() + b"\r\n")
     assert parse_block(site2[0].read_bytes()).envelope.recipients == ("carol@example.com",)
+
+
+# A 16-octet buffer sends every message below through the temporary file.
+SPILL_BUFFER = 16
+
+
+@pytest.fixture
+def spilling(tmp_path: Path) -> Iterator[LoopServer]:
+    config = write_config(tmp_path, max_size=4000)
+    running = start(config, **injected(data_buffer_size=SPILL_BUFFER))
+    yield running
+    running.stop()
+
+
+def wait_closed(folder: Path, timeout: float = 10) -> list[str]:
+    """Return the files still open in ``folder`` once none is, or at the deadline."""
+    deadline = time.monotonic() + timeout
+    while (files := open_files_in(folder)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return files
+
+
+def open_data(port: int) -> RawClient:
+    client = RawClient(port)
+    client.reply()
+    client.command(b"EHLO client.example.net\r\n")
+    assert client.command(b"MAIL FROM:<alice@example.net>\r\n").startswith(b"250")
+    assert client.command(b"RCPT TO:<bob@example.org>\r\n").startswith(b"250")
+    assert client.command(b"DATA\r\n").startswith(b"354")
+    return client
+
+
+def test_spilled_message_stored_exactly(spilling: LoopServer, tmp_path: Path) -> None:
+    with smtplib.SMTP("127.0.0.1", spilling.port) as client:
+        client.sendmail("alice@example.net", ["bob@example.org", "special@example.org"], MESSAGE)
+    for site in ("site1", "site2"):
+        [stored] = stored_files(spool(tmp_path, site))
+        assert stored.read_bytes().endswith(b"+0000\r\n" + MESSAGE)
+    assert wait_closed(tmp_path / "spool") == []
+
+
+@pytest.mark.parametrize("ending", [*SMUGGLING, b"<CR>.<LF>"])
+def test_smuggling_through_temporary_file(
+    spilling: LoopServer, tmp_path: Path, ending: bytes
+) -> None:
+    fake_end = ending.replace(b"<LF>", b"\n").replace(b"<CR>", b"\r")
+    client = open_data(spilling.port)
+    client.send(
+        b"Subject: outer\r\n\r\n" + b"outer body line\r\n" * 4 + b"outer" + fake_end
+        + b"MAIL FROM:<mallory@example.net>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+        + b"Subject: smuggled\r\n\r\n" + b"smuggled body line\r\n" * 4
+    )
+    client.send(fake_end + b"QUIT\r\n")
+    client.send(b".\r\n")
+    assert client.reply().startswith(b"550 5.6.0 ")
+    assert client.command(b"NOOP\r\n") == b"250 OK\r\n"
+    assert client.command(b"QUIT\r\n").startswith(b"221")
+    client.close()
+    assert stored_files(spool(tmp_path, "site1")) == []
+    assert tmp_files(spool(tmp_path, "site1")) == []
+    assert wait_closed(tmp_path / "spool") == []
+
+
+def test_spilled_message_over_size(spilling: LoopServer, tmp_path: Path) -> None:
+    client = open_data(spilling.port)
+    # 4016 octets after unstuffing, over the limit of 4000.
+    client.send(b"Subject: big\r\n\r\n" + b"..x\r\n" * 1000)
+    reply = client.command(b".\r\n")
+    assert reply == b"552 5.3.4 Error: message too big, the limit is 4000 octets\r\n"
+    assert client.command(b"NOOP\r\n") == b"250 OK\r\n"
+    client.close()
+    assert stored_files(spool(tmp_path, "site1")) == []
+    assert wait_closed(tmp_path / "spool") == []
+
+
+def test_unstuffed_size_at_limit_accepted(spilling: LoopServer, tmp_path: Path) -> None:
+    # 1000 lines of "..x" are 5000 octets on the wire but 4000 after unstuffing.
+    client = open_data(spilling.port)
+    client.send(b"..x\r\n" * 1000)
+    assert client.command(b".\r\n").startswith(b"250 2.0.0 ")
+    client.close()
+    [stored] = stored_files(spool(tmp_path, "site1"))
+    assert stored.read_bytes().endswith(b"+0000\r\n" + b".x\r\n" * 1000)
+
+
+def test_long_line_answered_after_dot(tmp_path: Path) -> None:
+    running = start(write_config(tmp_path, extra="max_line_length = 2000\n"), **injected())
+    try:
+        client = open_data(running.port)
+        client.send(b"Subject: long\r\n\r\n" + b"w" * 5000 + b"\r\n" + b"tail\r\n")
+        reply = client.command(b".\r\n")
+        assert reply == b"500 5.5.2 Error: line too long, the limit is 2000 octets with CRLF\r\n"
+        assert client.command(b"NOOP\r\n") == b"250 OK\r\n"
+        client.close()
+    finally:
+        running.stop()
+    assert stored_files(spool(tmp_path, "site1")) == []
+
+
+def test_disconnect_during_data_closes_file(spilling: LoopServer, tmp_path: Path) -> None:
+    client = open_data(spilling.port)
+    client.send(b"Subject: cut\r\n\r\n" + b"line before the cut\r\n" * 50)
+    deadline = time.monotonic() + 10
+    while not open_files_in(tmp_path / "spool") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(open_files_in(tmp_path / "spool")) == 1
+    client.close()
+    assert wait_closed(tmp_path / "spool") == []
+    assert stored_files(spool(tmp_path, "site1")) == []
+
+
+def test_spilled_storage_failure_closes_file(
+    spilling: LoopServer, tmp_path: Path, fault: None
+) -> None:
+    faults.configure("maildir.after_tmp_write:enospc")
+    client = open_data(spilling.port)
+    client.send(MESSAGE.replace(b"\r\n.", b"\r\n.."))
+    assert client.command(b".\r\n").startswith(b"451 4.3.0 ")
+    client.close()
+    assert stored_files(spool(tmp_path, "site1")) == []
+    assert wait_closed(tmp_path / "spool") == []
