@@ -424,6 +424,14 @@ class _Connection(asyncio.Protocol):
     # -- input
 
     def _take_line(self, limit: int) -> bytes | _Overlong | None:
+        line = self._split_line(limit)
+        if self._reading_paused and len(self._in) - self._pos < self._settings.max_input_buffer:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._reading_paused = False
+        return line
+
+    def _split_line(self, limit: int) -> bytes | _Overlong | None:
         end = self._in.find(b"\n", self._pos)
         if end < 0:
             if len(self._in) - self._pos > limit:
@@ -437,10 +445,6 @@ class _Connection(asyncio.Protocol):
         if self._pos >= len(self._in):
             del self._in[:]
             self._pos = 0
-        if self._reading_paused and len(self._in) - self._pos < self._settings.max_input_buffer:
-            assert self.transport is not None
-            self.transport.resume_reading()
-            self._reading_paused = False
         if self._discarding:
             self._discarding = False
             return OVERLONG
