@@ -362,6 +362,10 @@ def hash_password(password: str, scheme: str = "ARGON2ID") -> str:
     if scheme == SCRAM_SCHEME:
         return "{SCRAM-SHA-256}" + ScramCredentials.from_password(password).format()
     if scheme in PLAIN_SCHEMES:
+        if ":" in password or "\n" in password or password.startswith("{"):
+            # The passwd-file splits fields at ":", so store such secrets encoded.
+            encoded = base64.b64encode(password.encode("utf-8")).decode("ascii")
+            return "{" + scheme + ".B64}" + encoded
         return "{" + scheme + "}" + password
     if scheme in DIGEST_SCHEMES:
         algorithm, salted = DIGEST_SCHEMES[scheme]
