@@ -3,9 +3,9 @@
 Each client runs over plaintext, STLS and implicit TLS where it supports them
 (getmail6 has no STLS).  The peers run as the unprivileged test user.  They
 store messages with LF line ends and add trace fields, so the comparison
-turns CRLF into LF and removes exactly the fields each client adds: mpop one
-Received field on top, getmail6 Return-Path, Delivered-To and Received on
-top, fetchmail its own Received field further down.  getmail6 also refolds
+turns CRLF into LF and removes exactly the fields each client adds.  mpop
+adds one Received field on top and getmail6 adds Return-Path, Delivered-To
+and Received on top.  fetchmail adds its own Received field further down.  getmail6 also refolds
 header fields, also inside MIME parts, so its output is compared unfolded.
 """
 
@@ -240,5 +240,5 @@ def test_getmail6_drains(server: RunningServer, spool: Path, workdir: Path,
     added = {b"return-path", b"delivered-to", b"received"}
     got = [strip_top_fields(m, added) for m in delivered(out)]
     # getmail6 6.18 parses and re-serialises each message with Python's email
-    # package, which refolds some header fields (H23's long From, for one).
+    # package, which refolds some header fields, such as a long quoted From.
     assert_drained(spool, got, unfold)

@@ -120,7 +120,8 @@ def test_maildir_uidl_and_sizes(tmp_path: Path) -> None:
         assert uidls[:3] == ["1700000000.M0P1.mx", "1700000001.M1P1.mx", "1700000099.M9P9.mx"]
         assert [m.size for m in drop.messages] == [3, 3, 3, 18, 0]
         assert all(len(u) <= 70 and u.isascii() and " " not in u for u in uidls)
-        assert uidls[3].startswith("~") and uidls[4].startswith("~")
+        assert uidls[3].startswith("~")
+        assert uidls[4].startswith("~")
         with drop.open(4) as reader:
             assert b"".join(reader) == b"no final newline\r\n"
     finally:
