@@ -110,7 +110,7 @@ def test_mbox_spool_gets_block_after_from_line(postfix_mx: MxPostfix) -> None:
     data = site.path.read_bytes()
     assert data.startswith(f"From {SENDER} ".encode())
     box = mailbox.mbox(site.path, create=False)
-    messages = [box.get_bytes(key, from_=False) for key in box]
+    messages = [box.get_bytes(key, from_=False) for key in box.iterkeys()]
     assert len(messages) == 2
     by_sender = {split_stored(m)[0].envelope.sender: m for m in messages}
     block, message = split_stored(by_sender[SENDER])
