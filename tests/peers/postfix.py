@@ -435,6 +435,11 @@ class MxSite:
         return f"{local}@{self.domain}"
 
 
+def pool_site_names() -> list[str]:
+    """Names of the MX role's pool sites, which are also their POP3 users."""
+    return [f"s{i:02d}" for i in range(1, MxPostfix.POOL_SIZE + 1)]
+
+
 class MxPostfix:
     """The MX role: Postfix routing site domains to the mailfeed pipe service.
 
@@ -473,8 +478,8 @@ class MxPostfix:
             "user=mailfeed": f"user={run_user}",
         })
         self.transport = transport_entries()[0][1]
-        lines = [f"s{i:02d}.{self.DOMAIN_SUFFIX} {self.transport}:s{i:02d}"
-                 for i in range(1, self.POOL_SIZE + 1)]
+        lines = [f"{name}.{self.DOMAIN_SUFFIX} {self.transport}:{name}"
+                 for name in pool_site_names()]
         lines.append(f"{self.unknown_domain} {self.transport}:{self.UNKNOWN_SITE}")
         instance.write_main_cf({}, main_cf)
         instance.write_master_cf(master_cf)
@@ -493,7 +498,7 @@ class MxPostfix:
         self.used += 1
         if self.used > self.POOL_SIZE:
             raise PostfixError(f"all {self.POOL_SIZE} pool sites are in use: raise POOL_SIZE")
-        name = f"s{self.used:02d}"
+        name = pool_site_names()[self.used - 1]
         subs = {'spool_root = "/var/spool/mailfeed"': f'spool_root = "{self.spool_root}"',
                 **(substitutions or {})}
         template = example_toml(example, subs)["sites"]["site1"]

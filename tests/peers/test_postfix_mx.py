@@ -126,8 +126,8 @@ def test_dovecot_lda_pipe_delivers_to_spool(
     site = postfix_mx.new_site("mailfeed/mx-dovecot-lda.toml", {
         "/etc/dovecot/dovecot.conf": str(dovecot_spool.instance.config_file),
     })
-    # dovecot-lda -d checks the user against the passdb: the site needs its login.
-    dovecot_spool.add_user(site.name)
+    # dovecot-lda -d checks the user against the passdb: each pool site has a login.
+    assert dovecot_spool.password(site.name)
     original = case_bytes("H10.eml")
     rcpts = [site.address("bob"), site.address("erin")]
     submit(postfix_mx.instance.smtp_port, SENDER, rcpts, original)
