@@ -531,14 +531,16 @@ class MxPostfix:
 class SitePostfix:
     """The site role: Postfix receiving re-injected mail and delivering to Maildirs.
 
-    Every domain under ``site.test`` is a virtual mailbox domain, and
-    ``local@domain`` is delivered by virtual(8) to the Maildir
-    ``mail_root/domain/local/`` as the test user.  The re-injection listener
+    Every domain under ``site.test`` is a virtual mailbox domain.
+    :meth:`new_domain` hands out one of a fixed pool (virtual(8) allows no
+    regexp substitution in its mailbox maps), and all mail to ``*@domain``
+    is delivered to the Maildir ``mail_root/domain/`` as the test user.  The re-injection listener
     is docs/examples/postfix-site/master.cf on ``reinject_port``; the
     ordinary listener on ``instance.smtp_port`` applies the default checks.
     """
 
     DOMAIN_SUFFIX = "site.test"
+    POOL_SIZE = 200
 
     def __init__(self, instance: PostfixInstance, reinject_port: int, uid: int, gid: int) -> None:
         from tests.peers.examples import example_text
@@ -552,11 +554,11 @@ class SitePostfix:
         config_dir = instance.config_dir
         suffix = re.escape(self.DOMAIN_SUFFIX)
         instance.write_table("vdomains", f"/\\.{suffix}$/ OK\n", kind="regexp")
-        instance.write_table("vmailbox", f"/^([^@]+)@(.+\\.{suffix})$/ $2/$1/\n",
-                             kind="regexp")
+        instance.write_table("vmailbox", "".join(
+            f"@{domain} {domain}/\n" for domain in self.domain_pool()))
         instance.write_main_cf({
             "virtual_mailbox_domains": f"regexp:{config_dir / 'vdomains'}",
-            "virtual_mailbox_maps": f"regexp:{config_dir / 'vmailbox'}",
+            "virtual_mailbox_maps": f"hash:{config_dir / 'vmailbox'}",
             "virtual_mailbox_base": str(self.mail_root),
             "virtual_uid_maps": f"static:{uid}",
             "virtual_gid_maps": f"static:{gid}",
@@ -574,13 +576,19 @@ class SitePostfix:
         )
         self.sendmail.chmod(0o755)
 
+    def domain_pool(self) -> list[str]:
+        return [f"t{i:03d}.{self.DOMAIN_SUFFIX}" for i in range(1, self.POOL_SIZE + 1)]
+
     def new_domain(self) -> str:
+        """Return a domain no other test of this session uses."""
         self.domains_used += 1
-        return f"t{self.domains_used:03d}.{self.DOMAIN_SUFFIX}"
+        if self.domains_used > self.POOL_SIZE:
+            raise PostfixError(f"all {self.POOL_SIZE} site domains are in use: raise POOL_SIZE")
+        return self.domain_pool()[self.domains_used - 1]
 
     def maildir(self, address: str) -> Path:
-        local, _, domain = address.rpartition("@")
-        return self.mail_root / domain.lower() / local.lower()
+        """The Maildir of every address in ``address``'s domain."""
+        return self.mail_root / address.rpartition("@")[2].lower()
 
     def messages(self, address: str) -> list[Path]:
         new = self.maildir(address) / "new"
