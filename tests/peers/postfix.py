@@ -1,9 +1,9 @@
 """Private Postfix instances for tests: an MX role and a site role.
 
-Each instance has its own configuration directory, queue directory, data
-directory and maillog file under one temporary folder, listens only on
-127.0.0.1 and sends nothing off the machine: its default and relay transports
-are ``error:``, so a stray message bounces instead of leaving.
+Each instance keeps its configuration, queue, data directory and maillog
+under one temporary folder and listens only on 127.0.0.1.  Its default and
+relay transports are ``error:``, so a stray message bounces instead of
+leaving the machine.
 
 Postfix 3.7 (Debian) starts a private instance as root with ``postfix -c DIR
 start`` only when the default /etc/postfix/main.cf lists DIR in
@@ -143,8 +143,8 @@ def unregister_config_directory(config_dir: Path) -> None:
 # ---------------------------------------------------------------------------
 # master.cf
 
-# chroot is "n" everywhere: the queue lives in a temporary folder that holds
-# none of the files a chroot jail needs.
+# chroot is "n" everywhere because the queue is a temporary folder without
+# the files a chroot jail needs.
 MASTER_CF_BASE = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
@@ -176,7 +176,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixInstance:
     """One private Postfix: its folders, its SMTP port and control helpers.
 
-    ``root`` holds ``etc/`` (main.cf, master.cf, lookup tables),
+    ``root`` contains ``etc/`` (main.cf, master.cf, lookup tables),
     ``queue/``, ``data/`` and ``maillog``.  Call :meth:`start` after
     writing the configuration and :meth:`destroy` at the end.
     """
@@ -289,7 +289,7 @@ class PostfixInstance:
         return path
 
     def postconf(self, name: str) -> str:
-        """Return the value of one parameter as this instance sees it."""
+        """Return the value of one parameter in this instance's configuration."""
         return self.run([POSTCONF, "-c", str(self.config_dir), "-h", name]).stdout.strip()
 
     # -- control ----------------------------------------------------------

@@ -1,10 +1,10 @@
 """Site side: mailfeed-rmail re-injects into the site's Postfix and Dovecot.
 
-Each message goes in as the POP3 client would hand it over (block, then the
-original message) and must end in the recipient's Maildir with the original
+Each message goes in as the POP3 client hands it over: the block, then the
+original message.  It must end in the recipient's Maildir as the original
 bytes (line ends aside) under the trace fields that the final delivery agent
-adds, the first being ``Return-Path:`` with the envelope sender; the null
-sender stays ``<>``.
+adds.  The first of them is ``Return-Path:`` with the envelope sender, and
+the null sender stays ``<>``.
 """
 
 from __future__ import annotations
