@@ -24,6 +24,10 @@ Invariants of this codec:
   :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section 4.5.3.1.3).  UTF-8
   (RFC 6531) and quoted local parts are allowed.  An address in angle brackets
   is accepted on read and written bare.
+* Block fields are never folded: a line starting with white space right
+  after the block is a defect, not message content.  A line after the block
+  that is longer than the block line limit is message content, unless it
+  starts with an extension field.
 
 This module knows nothing of files, sockets or spools: it works on bytes and
 on binary streams.
@@ -215,13 +219,22 @@ class _LineReader:
         self.line_no = 0
         self.offset = 0
 
-    def next(self) -> bytes:
+    def next(self, *, limit: bool = True) -> bytes:
+        """Return the next line; with ``limit``, raise BlockDefect if it is too long.
+
+        Without ``limit`` a too-long line comes back cut at ``max_line + 1``
+        octets, so the caller can tell it from a line that fits.
+        """
         line = self.stream.readline(self.max_line + 1)
-        if len(line) > self.max_line:
-            raise BlockDefect(self.line_no + 1, f"block line longer than {self.max_line} octets")
+        if limit and len(line) > self.max_line:
+            raise _too_long(self.line_no + 1, self.max_line)
         self.line_no += 1
         self.offset += len(line)
         return line
+
+
+def _too_long(line_no: int, max_line: int) -> BlockDefect:
+    return BlockDefect(line_no, f"block line longer than {max_line} octets")
 
 
 def _diagnose_missing(reader: _LineReader, first: bytes) -> BlockDefect:
@@ -318,14 +331,21 @@ def read_block(
     extensions: dict[str, str] = {}
     block_end = reader.offset
     while True:
-        line = reader.next()
+        # This line may be the message's first line, which has no length limit.
+        line = reader.next(limit=False)
         parts = _split_field(line)
         if parts is None:
+            if line[:1] in (b" ", b"\t"):
+                raise BlockDefect(
+                    reader.line_no, "continuation line after the block (fields are not folded)"
+                )
             break
         name = parts[0].decode("ascii")
         check = EXTENSION_FIELDS.get(name)
         if check is None or name in extensions:
             break
+        if len(line) > max_line:
+            raise _too_long(reader.line_no, max_line)
         try:
             extensions[name] = check(_decode_value(parts[1], reader.line_no))
         except ValueError as exc:
