@@ -20,10 +20,11 @@ Invariants of this codec:
   like block fields are message content.
 * Field names are case-insensitive; the value follows the colon and optional
   white space; lines end in LF or CRLF.
-* Addresses carry no control characters and are at most
-  :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section 4.5.3.1.3).  UTF-8
-  (RFC 6531) and quoted local parts are allowed.  An address in angle brackets
-  is accepted on read and written bare.
+* Addresses are valid UTF-8 without control characters (C0, DEL or C1) and
+  are at most :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section
+  4.5.3.1.3).  UTF-8 (RFC 6531) and quoted local parts are allowed.  An
+  address in angle brackets is accepted on read and written bare.  So every
+  envelope the writer accepts, the reader reads back.
 * Block fields are never folded: a line starting with white space right
   after the block is a defect, not message content.  A line after the block
   that is longer than the block line limit is message content, unless it
@@ -122,16 +123,29 @@ class Block:
     extensions: Mapping[str, str] = field(default_factory=dict)
 
 
+def _find_control(text: str) -> str | None:
+    """Return the first C0, DEL or C1 control character in ``text``, if any."""
+    for ch in text:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return ch
+    return None
+
+
 def validate_address(address: str, *, allow_null: bool = False) -> str:
     """Check an envelope address and return it; raise InvalidAddress if bad."""
     if address == "":
         if allow_null:
             return address
         raise InvalidAddress("empty recipient address")
-    for ch in address:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise InvalidAddress(f"address {address!r} contains control character {ch!r}")
-    octets = len(address.encode("utf-8", "surrogateescape"))
+    control = _find_control(address)
+    if control is not None:
+        raise InvalidAddress(f"address {address!r} contains control character {control!r}")
+    try:
+        octets = len(address.encode("utf-8"))
+    except UnicodeEncodeError:
+        # Lone surrogates: bytes that were not UTF-8 on the command line.
+        raise InvalidAddress(f"address {address!r} is not valid UTF-8") from None
     if octets > MAX_ADDRESS_OCTETS:
         raise InvalidAddress(
             f"address {address[:40]!r}... is {octets} octets, over the limit of "
@@ -177,9 +191,9 @@ def encode_block(
 
 
 def _check_extension_value(value: str) -> str:
-    for ch in value:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise ValueError(f"control character {ch!r}")
+    control = _find_control(value)
+    if control is not None:
+        raise ValueError(f"control character {control!r}")
     return value
 
 

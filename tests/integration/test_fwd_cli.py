@@ -65,6 +65,8 @@ def test_config_from_environment(root: Path) -> None:
         (["--bogus", "s", "a", "b"], 64, "unknown option '--bogus'"),
         ([MAILDIR_SITE, "a@example.net", "bad rcpt "], 65, "invalid recipient 'bad rcpt '"),
         ([MAILDIR_SITE, "a\x01@example.net", "b@example.org"], 65, "invalid sender"),
+        # Latin-1 bytes on the command line: the block reader would reject them.
+        ([MAILDIR_SITE, "a@example.net", "j\udcfcrgen@example.org"], 65, "not valid UTF-8"),
         (["nosuch", "a@example.net", "b@example.org"], 67, "unknown site 'nosuch'"),
     ],
 )

@@ -318,3 +318,11 @@ def test_folded_extension_is_defect() -> None:
     with pytest.raises(BlockDefect) as info:
         parse_block(data)
     assert info.value.line == 5
+
+
+@pytest.mark.parametrize("address", ["\udcff@example.org", "a\x85@example.org", "a\x9f@b"])
+def test_address_not_utf8_or_c1_rejected(address: str) -> None:
+    with pytest.raises(InvalidAddress):
+        Envelope(address, ("b@example.org",))
+    with pytest.raises(InvalidAddress):
+        Envelope("", (address,))
