@@ -25,6 +25,10 @@ Invariants of this codec:
   4.5.3.1.3).  UTF-8 (RFC 6531) and quoted local parts are allowed.  An
   address in angle brackets is accepted on read and written bare.  So every
   envelope the writer accepts, the reader reads back.
+* An envelope lists each recipient once: a repeated address (the same
+  string) is kept at its first place, so it is delivered once.  Addresses
+  that differ only in case stay apart, because a local part is
+  case-sensitive (RFC 5321 section 2.4).
 * Block fields are never folded: a line starting with white space right
   after the block is a defect, not message content.  A line after the block
   that is longer than the block line limit is message content, unless it
@@ -107,6 +111,8 @@ class Envelope:
             raise InvalidAddress("an envelope needs at least one recipient")
         for rcpt in self.recipients:
             validate_address(rcpt)
+        # One delivery per recipient: drop exact repeats, keeping the order.
+        object.__setattr__(self, "recipients", tuple(dict.fromkeys(self.recipients)))
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,17 @@ def test_rmail_unexpected_error_exits_75(tmp_path: Path) -> None:
     result = rmail([str(tmp_path / "missing.eml")], target=f"maildir:{tmp_path}")
     assert result.returncode == 75
     assert "missing.eml" in result.stderr.decode()
+
+
+def test_rmail_repeated_recipient_delivered_once(tmp_path: Path) -> None:
+    data = (
+        b"X-Mailfeed-Sender: a@example.net\nX-Mailfeed-Recipient-Number: 3\n"
+        b"X-Mailfeed-Recipient-Address: b@example.org\n"
+        b"X-Mailfeed-Recipient-Address: c@example.org\n"
+        b"X-Mailfeed-Recipient-Address: b@example.org\n"
+        b"Subject: x\n\nbody\n"
+    )
+    result = rmail([f"--target=maildir:{tmp_path}"], stdin=data)
+    assert result.returncode == 0, result.stderr
+    delivered = [path.parent.parent.name for path in maildir_files(tmp_path)]
+    assert sorted(delivered) == ["b@example.org", "c@example.org"]

@@ -326,3 +326,18 @@ def test_address_not_utf8_or_c1_rejected(address: str) -> None:
         Envelope(address, ("b@example.org",))
     with pytest.raises(InvalidAddress):
         Envelope("", (address,))
+
+
+def test_repeated_recipient_kept_once() -> None:
+    env = Envelope("a@b", ("x@example.org", "y@example.org", "x@example.org", "X@example.org"))
+    assert env.recipients == ("x@example.org", "y@example.org", "X@example.org")
+    assert b"X-Mailfeed-Recipient-Number: 3\n" in encode_block(env)
+
+
+def test_repeated_recipient_in_block_read_once() -> None:
+    data = (
+        b"X-Mailfeed-Sender: a@b\nX-Mailfeed-Recipient-Number: 2\n"
+        b"X-Mailfeed-Recipient-Address: x@example.org\n"
+        b"X-Mailfeed-Recipient-Address: <x@example.org>\n\nbody\n"
+    )
+    assert parse_block(data).envelope.recipients == ("x@example.org",)
