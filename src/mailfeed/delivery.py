@@ -736,10 +736,11 @@ class MaildirTarget:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.rename(tmp_path, new_path)
-        except BaseException:
+            # link, unlike rename, fails with EEXIST instead of replacing a
+            # message that already has this name in new/.
+            os.link(tmp_path, new_path, follow_symlinks=False)
+        finally:
             tmp_path.unlink(missing_ok=True)
-            raise
         _fsync_dir(folder / "new")
         return new_path
 
