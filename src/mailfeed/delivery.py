@@ -81,7 +81,7 @@ DEFAULT_TIMEOUT = 60.0
 # RFC 5321 section 4.5.3.1.5 sets 512 octets; servers send longer texts in
 # practice, so the default is the limit Python's smtplib applies.
 DEFAULT_MAX_LINE = 8192
-# Most lines in one reply.  RFC 5321 sets no limit; an EHLO reply, the
+# Maximum number of lines in one reply.  RFC 5321 sets no limit; an EHLO reply, the
 # longest in practice, has a few dozen lines.
 DEFAULT_MAX_REPLY_LINES = 1000
 DEFAULT_SMTP_PORT = 25
