@@ -485,6 +485,11 @@ class StateStore:
         assert record is not None
         return record
 
+    def forget(self, message_id: int) -> None:
+        """Delete a message row and its recipients (its UIDL now names another message)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
     def mark_dele_sent(self, message_ids: Sequence[int]) -> None:
         self._set_many(message_ids, MessageStatus.DELE_SENT)
 
