@@ -295,3 +295,24 @@ def test_many_messages_bounded_flights(fast_dir: Path, monkeypatch: pytest.Monke
     assert len(listed_sets) == 1
     # State work grows linearly: a bounded number of SQL statements per message.
     assert len(statements) <= 25 * count
+
+
+# -- listings with rejected lines --------------------------------------------------
+
+
+def test_rejected_uidl_lines_prune_nothing(tmp_path: Path, mta: RecordingMta) -> None:
+    bad = b"Subject: no block\r\n\r\nbody\r\n"
+    mailbox = MailboxServer([("u1", bad)])
+    try:
+        run_once(tmp_path, mailbox, mta.url)
+        assert status_of(tmp_path, "u1") == MessageStatus.QUARANTINED
+    finally:
+        mailbox.close()
+    # The same message, but the server now lists its unique-id twice.
+    broken = ScriptedReplies([("u1", bad), ("u1", bad)],
+                             {"UIDL": b"+OK\r\n1 u1\r\n2 u1\r\n.\r\n"})
+    try:
+        run_once(tmp_path, broken, mta.url)
+    finally:
+        broken.close()
+    assert status_of(tmp_path, "u1") == MessageStatus.QUARANTINED
