@@ -571,11 +571,17 @@ class _Transaction:
                 self.db.execute("COMMIT")
                 return
             except sqlite3.Error as error:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise StateError(f"cannot commit to state file {self.path}: {error}") from None
-        self.db.execute("ROLLBACK")
+        self._rollback()
         if isinstance(exc, sqlite3.Error):
             raise StateError(f"cannot write state file {self.path}: {exc}") from None
+
+    def _rollback(self) -> None:
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR),
+        # and a second ROLLBACK would raise instead of reporting the first error.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:

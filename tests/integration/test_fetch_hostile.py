@@ -9,6 +9,7 @@ is recorded, and a bad message never blocks or loses the others.
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -316,3 +317,46 @@ def test_rejected_uidl_lines_prune_nothing(tmp_path: Path, mta: RecordingMta) ->
     finally:
         broken.close()
     assert status_of(tmp_path, "u1") == MessageStatus.QUARANTINED
+
+
+# -- local MTA and state file failures ------------------------------------------------
+
+
+def test_mta_down_defers_everything(tmp_path: Path) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    mailbox = MailboxServer([("u1", message_for("bob@example.org")),
+                             ("u2", message_for("carol@example.org"))])
+    try:
+        report = run_once(tmp_path, mailbox, f"smtp://127.0.0.1:{port}")
+    finally:
+        mailbox.close()
+    assert report.exit_code == EX_TEMPFAIL
+    assert report.sources[0].deferred == 2
+    assert mailbox.uidls() == ["u1", "u2"]
+    assert not any(c.startswith("DELE") for c in mailbox.commands)
+
+
+def test_full_state_file_deletes_nothing(tmp_path: Path, mta: RecordingMta) -> None:
+    mailbox = MailboxServer([(f"u{i}", message_for(f"r{i}@example.org", BODY * 50))
+                             for i in range(40)])
+    original = StateStore.open.__func__  # type: ignore[attr-defined]
+
+    def open_full(cls: type[StateStore], path: Path, **kwargs: object) -> StateStore:
+        store: StateStore = original(cls, path, **kwargs)
+        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+        # SQLite then fails writes with SQLITE_FULL, as on a full disk.
+        store.db.execute(f"PRAGMA max_page_count = {pages + 1}")
+        return store
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(StateStore, "open", classmethod(open_full))
+            report = run_once(tmp_path, mailbox, mta.url)
+    finally:
+        mailbox.close()
+    assert report.exit_code == EX_TEMPFAIL
+    assert "state file" in (report.sources[0].error or "")
+    assert len(mailbox.uidls()) == 40
+    assert not any(c.startswith("DELE") for c in mailbox.commands)
