@@ -234,7 +234,7 @@ class _CappedSink:
     """A temporary file for one RETR that refuses to grow past ``limit`` octets (0: no limit).
 
     LIST sizes may lie or be missing, so max_message_size is also enforced
-    while the message streams in: the disk never holds more than the limit.
+    while the message streams in, so the temporary file never exceeds the limit.
     """
 
     def __init__(self, limit: int) -> None:

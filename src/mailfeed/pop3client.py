@@ -261,7 +261,7 @@ class RetrFailure(enum.Enum):
 
 
 class Sink(Protocol):
-    """Where :meth:`Pop3Client.retrieve` writes a message's unstuffed octets."""
+    """The destination of a message's unstuffed octets in :meth:`Pop3Client.retrieve`."""
 
     def write(self, data: bytes, /) -> object: ...
 
@@ -272,8 +272,8 @@ class RetrResult:
 
     ``size`` counts the unstuffed octets written to the sink, line ends as
     sent.  When ``ok`` is False the sink contains an incomplete or doubtful
-    message that the caller must discard; ``error`` says why and
-    ``failure`` names the kind.
+    message that the caller must discard; ``error`` gives the reason
+    and ``failure`` its kind.
     """
 
     msgnum: int
