@@ -114,14 +114,25 @@ class AuthorizationCommands(ABC):
             allow_plaintext=self.settings.allow_plaintext,
         )
 
+    def _sasl_mechanisms(self) -> list[str]:
+        """Return the SASL mechanisms to offer in CAPA and AUTH.
+
+        SCRAM-SHA-256 is offered only when every user's stored secret allows
+        it, because a client that picks it cannot fall back after a failure.
+        """
+        mechanisms = [SASL_PLAIN] if self._plaintext_ok() else []
+        if self.server.passwd.scram_for_all:
+            mechanisms.append(SCRAM_MECHANISM)
+        return mechanisms
+
     async def cmd_capa(self, args: str) -> None:
         plain = self._plaintext_ok()
         lines = [OK_CAPA, "TOP"]
         if plain:
             lines.append("USER")
-        mechanisms = ([SASL_PLAIN] if plain else []) + [SCRAM_MECHANISM]
+        mechanisms = self._sasl_mechanisms()
         lines += [
-            "SASL " + " ".join(mechanisms),
+            *(["SASL " + " ".join(mechanisms)] if mechanisms else []),
             "RESP-CODES",
             "AUTH-RESP-CODE",
             "PIPELINING",
@@ -201,14 +212,15 @@ class AuthorizationCommands(ABC):
     async def cmd_auth(self, args: str) -> None:
         if not args:
             self.conn.reply(OK_AUTH_MECHANISMS)
-            if self._plaintext_ok():
-                self.conn.reply(SASL_PLAIN)
-            self.conn.reply(SCRAM_MECHANISM)
+            for name in self._sasl_mechanisms():
+                self.conn.reply(name)
             self.conn.write(TERMINATOR)
             return
         mechanism, _, initial_text = args.partition(" ")
         mechanism = mechanism.upper()
-        if mechanism == SASL_PLAIN:
+        if mechanism not in self._sasl_mechanisms() and mechanism != SASL_PLAIN:
+            await self._bad(ERR_AUTH_MECHANISM.format(mechanism=mechanism[:40]))
+        elif mechanism == SASL_PLAIN:
             if not self._plaintext_ok():
                 self.conn.reply(ERR_PLAINTEXT_DISALLOWED)
                 return
