@@ -278,7 +278,11 @@ class MxHandler:
     ) -> list[str]:
         session.host_name = hostname
         # The MX accepts no authentication: never advertise AUTH.
-        return [line for line in responses if not line[4:].upper().startswith("AUTH")]
+        lines = [line for line in responses if not line[4:].upper().startswith("AUTH")]
+        # aiosmtpd reads and answers commands strictly in order, which is all
+        # RFC 2920 asks of a server, but it does not announce it.
+        lines.insert(len(lines) - 1, "250-PIPELINING")
+        return lines
 
     async def handle_MAIL(
         self,
@@ -417,7 +421,7 @@ class MxSMTP(SMTP):
         # aiosmtpd keeps this dict on the class; give each connection its own.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.owner = owner
-        self.session_id = secrets.token_hex(4)
+        self.session_id = owner.session_ids()
         self.peer: Any = None
         self.last_rcpt_argument = ""
         self.declared_size = 0
@@ -516,7 +520,8 @@ class SmtpServer:
     """SMTP listeners inside the caller's event loop, with live reload.
 
     ``store`` defaults to mailfeed.spool.store_message; ``free_space_of``,
-    ``clock`` and ``queue_ids`` may be replaced (tests inject them).
+    ``clock``, ``queue_ids`` and ``session_ids`` may be replaced (tests inject
+    them).
     """
 
     def __init__(
@@ -528,6 +533,7 @@ class SmtpServer:
         free_space_of: Callable[[Path], int] = free_space,
         clock: Callable[[], datetime] | None = None,
         queue_ids: Callable[[], str] = new_queue_id,
+        session_ids: Callable[[], str] = lambda: secrets.token_hex(4),
     ) -> None:
         self.config = config
         self.tls_context = tls_context
@@ -535,6 +541,7 @@ class SmtpServer:
         self.free_space_of = free_space_of
         self.clock = clock or (lambda: datetime.now(UTC).astimezone())
         self.queue_ids = queue_ids
+        self.session_ids = session_ids
         self.connections: set[MxSMTP] = set()
         self.per_address: collections.Counter[str] = collections.Counter()
         self.servers: list[asyncio.Server] = []
