@@ -159,6 +159,8 @@ def test_mboxrd_matches_reference(data: bytes, cuts: list[int]) -> None:
     out, encoder = encode_split(data, [c for c in cuts if c <= len(data)])
     assert out == reference_mboxrd(data)
     unquoted = data.replace(b"\r\n", b"\n")
+    if unquoted and not unquoted.endswith(b"\n"):
+        unquoted += b"\n"
     assert encoder.size == len(unquoted)
     assert encoder.wsize == len(unquoted) + count_bare_lf(unquoted, False)
 

@@ -89,7 +89,8 @@ class MboxrdEncoder:
     """Turn a stream of chunks into mboxrd lines: CRLF to LF, ``^>*From `` quoted.
 
     Chunks may split lines anywhere.  :attr:`size` and :attr:`wsize` count
-    what a reader gets back after removing the quoting.
+    what a reader gets back after removing the quoting, including the LF
+    added at the end when the message has none.
     """
 
     def __init__(self) -> None:
@@ -170,7 +171,7 @@ class MboxrdEncoder:
             self._in_prefix = False
             yield self._count(self._tail)
         if self._last != b"\n":
-            yield b"\n"
+            yield self._count(b"\n")
         yield b"\n"
 
 
