@@ -52,7 +52,7 @@ from mailfeed import pop3client
 from mailfeed.delivery import Outcome, RecipientResult, Target
 from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
 from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
-from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL
+from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailfeed.faults import fault_point
 from mailfeed.fetchconfig import FetchConfig, SourceConfig
 from mailfeed.quarantine import Quarantine
@@ -82,10 +82,11 @@ log = logging.getLogger(__name__)
 
 # sysexits.h: EX_NOPERM, for credentials the server rejected for good.
 EX_NOPERM = 77
-# Order in which per-source exit codes win for the whole run: a problem that
-# needs an admin first, then one that a later run may clear, then messages
-# kept on the server because of their content or a limit.
-EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_DATAERR, EX_OK)
+# Order in which per-source exit codes win for the whole run: rejected
+# credentials first, then anything a later run may clear, then recipients
+# that failed for good (their DSN was handed over), then messages kept on
+# the server because of their content or a limit.
+EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 HASH_CHUNK = 64 * 1024
@@ -477,6 +478,7 @@ class _Session:
                     self.report.delivered += 1
                 elif outcome == RecipientOutcome.FAILED:
                     self.report.failed += 1
+                    self.report.raise_exit(EX_UNAVAILABLE)
             rows = self.store.recipients(record.id)
         dsn_done = await self._send_dsn(record, block, sink)
         deferred = [row for row in rows if row.outcome not in FINAL_OUTCOMES]

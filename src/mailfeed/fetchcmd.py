@@ -19,9 +19,11 @@ Exit status (sysexits), the worst over all sources, in this order:
   session failed in a way a retry may clear (connection, timeout, TLS, a
   login refused without a permanent response code, QUIT unacknowledged),
   or another fetcher holds the state file.
+* 69 EX_UNAVAILABLE: a recipient failed for good (its DSN was handed over,
+  or none was owed), and the message was deleted.
 * 65 EX_DATAERR: a message stays on the server because of its content or a
   limit (quarantined, over max_message_size or max_line_length).
-* 0: everything listed was delivered (or failed with its DSN sent) and deleted.
+* 0: every listed message was delivered to all its recipients and deleted.
 
 The progress line (messages, octets, rate, time left) is drawn only when
 stdout is a terminal.  ``-v`` logs the POP3 dialogue with secrets masked.
