@@ -13,16 +13,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench demo
 	$(PY) -m mypy
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench demo
 	$(PY) -m mypy
 
 demo: $(VENV)/.installed
-	$(PY) -m mailfeed.demo
+	$(PY) demo/run.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
