@@ -16,10 +16,13 @@ is open to it so that ``dovecot-lda`` can run as that user.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +101,11 @@ class DovecotInstance:
         return self.root / "cert.pem"
 
     @classmethod
-    def create(cls, name: str, role_text: str) -> DovecotInstance:
-        """Make the folders, a certificate and the configuration; start nothing."""
+    def create(cls, name: str, role_text: str = "") -> DovecotInstance:
+        """Make the folders, a certificate and the configuration; start nothing.
+
+        The role file may be rewritten (``role_file``) before :meth:`start`.
+        """
         root = Path(tempfile.mkdtemp(prefix=f"mailfeed-dovecot-{name}-"))
         root.chmod(0o755)
         instance = cls(name, root, root / "role.conf", free_port(), free_port(), free_port())
@@ -108,6 +114,10 @@ class DovecotInstance:
         make_self_signed_cert(root)
         instance.role_file.write_text(role_text)
         instance.config_file.write_text(instance.harness_config())
+        # dovecot-lda, running as the test user, appends to the same log.
+        instance.log_file.touch()
+        uid, gid = run_user_ids()
+        os.chown(instance.log_file, uid, gid)
         # dovecot-lda runs as the test user and reads the configuration.
         for path in (root, instance.config_file, instance.role_file):
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -145,6 +155,11 @@ service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
     port = {self.lmtp_port}
+  }}
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
   }}
 }}
 service auth {{
@@ -223,8 +238,81 @@ service auth {{
         return argv
 
 
-def make_user_tree(path: Path) -> Path:
-    """Create ``path`` (and parents under it) owned by the test user."""
-    path.mkdir(parents=True, exist_ok=True)
-    chown_tree(path)
-    return path
+# ---------------------------------------------------------------------------
+# Roles
+
+
+class SpoolDovecot:
+    """Dovecot serving mailfeed's spool over POP3, one POP3 user per site.
+
+    The role file is docs/examples/dovecot/spool-maildir.conf (or
+    spool-mbox.conf) with the spool root, the state folder, the passwd-file
+    and the account replaced.  Each of ``users`` (the MX pool's site names
+    and a few for hand-filled spools) has a login; :meth:`password` returns it.
+    """
+
+    def __init__(self, name: str, example: str, spool_root: Path,
+                 users: Sequence[str]) -> None:
+        from tests.peers.examples import example_text
+
+        self.instance = DovecotInstance.create(name)
+        self.spool_root = spool_root
+        self.state_root = self.instance.root / "state-mail"
+        self.state_root.mkdir()
+        chown_tree(self.state_root)
+        # Every login is written before start: Dovecot may miss a passwd-file
+        # change made within the same second as the previous one.
+        self.passwords = {user: f"pw-{user}-{secrets.token_hex(6)}" for user in users}
+        self.passwd = self.instance.root / "mailfeed-users"
+        self.passwd.write_text("".join(
+            f"{user}:{password_hash(password)}\n" for user, password in self.passwords.items()
+        ))
+        self.passwd.chmod(0o644)
+        self.instance.role_file.write_text(example_text(example, {
+            "/var/spool/mailfeed": str(spool_root),
+            "/var/lib/mailfeed": str(self.state_root),
+            "/etc/dovecot/mailfeed-users": str(self.passwd),
+            "uid=mailfeed gid=mailfeed": f"uid={RUN_USER} gid={RUN_USER}",
+        }))
+
+    def password(self, user: str) -> str:
+        """Return the POP3 password of ``user`` (a site name of the pool)."""
+        try:
+            return self.passwords[user]
+        except KeyError:
+            raise DovecotError(
+                f"no POP3 login for {user!r}: add it to the fixture's users"
+            ) from None
+
+
+class SiteDovecot:
+    """Dovecot delivering over LMTP on the site host.
+
+    The role file is docs/examples/dovecot/site-lmtp.conf; every recipient
+    ``local@domain`` is accepted and stored in the Maildir
+    ``mail_root/domain/local/Maildir`` as the test user.
+    """
+
+    def __init__(self, name: str) -> None:
+        from tests.peers.examples import example_text
+
+        self.instance = DovecotInstance.create(name)
+        self.mail_root = self.instance.root / "vmail"
+        self.mail_root.mkdir()
+        chown_tree(self.mail_root)
+        users = self.instance.root / "users"
+        users.write_text("")
+        users.chmod(0o644)
+        self.instance.role_file.write_text(example_text("dovecot/site-lmtp.conf", {
+            "/etc/dovecot/users": str(users),
+            "uid=vmail gid=vmail": f"uid={RUN_USER} gid={RUN_USER}",
+            "/var/vmail": str(self.mail_root),
+        }))
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.mail_root / domain.lower() / local.lower() / "Maildir"
+
+    def messages(self, address: str) -> list[Path]:
+        new = self.maildir(address) / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
