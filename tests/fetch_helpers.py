@@ -5,7 +5,7 @@ main thread (or a ``mailfeed fetch`` subprocess) talk to them over real
 sockets.
 
 * :class:`RecordingMta` is an aiosmtpd SMTP server that stores every
-  accepted transaction and answers with scripted codes: per recipient at
+  accepted transaction and replies with scripted codes: per recipient at
   RCPT, per message content at DATA, and 452 after a recipient limit.
 * :class:`MailboxServer` is a small POP3 maildrop (RFC 1939) with UIDL,
   LIST, RETR, DELE, RSET and QUIT; deletions happen only on QUIT, as a real

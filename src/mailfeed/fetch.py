@@ -82,10 +82,10 @@ log = logging.getLogger(__name__)
 
 # sysexits.h: EX_NOPERM, for credentials the server rejected for good.
 EX_NOPERM = 77
-# Order in which per-source exit codes win for the whole run: rejected
-# credentials first, then anything a later run may clear, then recipients
-# that failed for good (their DSN was handed over), then messages kept on
-# the server because of their content or a limit.
+# Order in which per-source exit codes win for the whole run.  Rejected
+# credentials come first and anything a later run may clear second.  Then
+# come recipients that failed for good (their DSN was handed over), and last
+# messages kept on the server because of their content or a limit.
 EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
@@ -112,7 +112,7 @@ messages and the octets planned for retrieval in this session."""
 
 @dataclass
 class SourceReport:
-    """What one session did; ``exit_code`` is its sysexits status."""
+    """Counts of one session, its sysexits status and the UIDLs it kept deferred."""
 
     source: str
     retrieved: int = 0
@@ -274,7 +274,7 @@ class Fetcher:
         return report
 
     async def run_source(self, source: SourceConfig) -> SourceReport:
-        """Run one session for ``source``; never raises for a session failure."""
+        """Run one session for ``source``; any error ends only this session and is logged."""
         self._sessions += 1
         session = _Session(self, source, f"{source.name}#{self._sessions}")
         started = time.monotonic()
@@ -283,6 +283,9 @@ class Fetcher:
         except StateError as exc:
             session.fail(exc, "state file error")
         except (pop3client.Pop3Error, OSError) as exc:
+            session.fail(exc, "session failed")
+        except Exception as exc:  # one source's bug must not stop the other sources
+            log.exception("%s: unexpected error; messages stay on the server", session.sid)
             session.fail(exc, "session failed")
         finally:
             await session.close()
@@ -421,7 +424,7 @@ class _Session:
         self.report.octets += result.size
         listed_size = self.sizes.get(msgnum)
         if listed_size is not None and listed_size != result.size:
-            log.warning("%s: message %d (UIDL %s): LIST said %d octets, RETR gave %d",
+            log.warning("%s: message %d (UIDL %s): LIST gave %d octets, RETR gave %d",
                         self.sid, msgnum, uidl, listed_size, result.size)
         digest = file_digest(sink)
         fault_point("fetch.after_retr")

@@ -5,9 +5,9 @@ Usage::
     mailfeed fetch --config /etc/mailfeed/fetch.toml [--daemon] [-v] [--retry-quarantined]
 
 One pass runs a session per source and prints one summary line per source
-on stdout.  ``--daemon`` repeats the pass every ``daemon.interval`` seconds;
-after a pass in which a session failed (connection, TLS, login, protocol)
-it waits longer, doubling up to ``daemon.backoff_max`` with random jitter.
+on stdout.  ``--daemon`` repeats the pass every ``daemon.interval`` seconds.
+When a session of a pass failed (connection, TLS, login, protocol), the wait
+doubles with each such pass, up to ``daemon.backoff_max``, with random jitter.
 SIGHUP reloads the configuration (a bad file keeps the old one), SIGTERM
 and SIGINT finish the current message, QUIT, and stop.
 

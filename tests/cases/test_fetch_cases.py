@@ -291,7 +291,7 @@ def test_h16_crash_and_poison(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     mta = h16_mta()
     try:
         site = Site(tmp_path, mta)
-        # Session 1 ends in a reset after DELE 3: the cap keeps it to messages 1 to 3.
+        # The first dialogue resets the connection after DELE 3, so three RETRs match it.
         first = site.session("H16.session1.pop3-dialogue.txt", caplog,
                              limits="max_messages_per_session = 3")
         assert delivered(mta) == expected_deliveries(one["deliveries"])
