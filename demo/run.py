@@ -300,7 +300,7 @@ def add_sites(ws: Workspace) -> dict[str, str]:
     for site, domain in SITES.items():
         password = f"demo-{site}-{os.urandom(6).hex()}"
         secret = write_secret(ws.root / "mx" / f"{site}.pass", password)
-        run_checked(mailfeed_argv("site", "--config", str(ws.mx_config), "add", site,
+        run_checked(mailfeed_argv("site", "add", site, "--config", str(ws.mx_config),
                                   "--domain", domain, "--password-file", str(secret),
                                   "--scheme", PASSWORD_SCHEME),
                     f"mailfeed site add {site}", timeout=60)
