@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench bench-smoke clean
+.PHONY: test lint demo interop bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ lint: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) demo/run.py
+
+# Run the interop matrix against the installed peers and regenerate docs/interop.md.
+interop: $(VENV)/.installed
+	rm -rf build/interop
+	$(PY) -m pytest -q -n 2 tests/peers/interop $(PYTEST_ARGS)
+	$(PY) tests/peers/interop_report.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py

@@ -625,7 +625,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"submit only the first N messages (default: ${LIMIT_ENV} or all)")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="seed of the envelope generator")
-    parser.add_argument("--workdir", help="use this empty or new folder instead of a temporary one; "
+    parser.add_argument("--workdir",
+                        help="use this empty or new folder instead of a temporary one; "
                              "it is deleted at the end unless --keep")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work folder (spools, Maildirs, logs) at the end")

@@ -531,9 +531,14 @@ class MxPostfix:
 class SitePostfix:
     """The site role: Postfix receiving re-injected mail and delivering to Maildirs.
 
-    Every domain under ``site.test`` is a virtual mailbox domain, and
-    ``local@domain`` is delivered by virtual(8) to the Maildir
-    ``mail_root/domain/local/`` as the test user.  The re-injection listener
+    Every domain under ``site.test`` is a virtual mailbox domain.  Postfix
+    forbids ``$n`` substitution in virtual_mailbox_maps, so the map lists
+    the domains ``t001.site.test`` to ``t199.site.test`` one by one and
+    virtual(8) delivers all recipients of a domain to the Maildir
+    ``mail_root/domain/`` as the test user.  It adds ``Delivered-To:``, by
+    which :meth:`messages` tells the recipients apart.  :meth:`new_domain`
+    hands out ``t001`` to ``t100``; the others are for tests that name
+    their domains themselves.  The re-injection listener
     is docs/examples/postfix-site/master.cf on ``reinject_port``; the
     ordinary listener on ``instance.smtp_port`` applies the default checks.
     """
@@ -552,8 +557,9 @@ class SitePostfix:
         config_dir = instance.config_dir
         suffix = re.escape(self.DOMAIN_SUFFIX)
         instance.write_table("vdomains", f"/\\.{suffix}$/ OK\n", kind="regexp")
-        instance.write_table("vmailbox", f"/^([^@]+)@(.+\\.{suffix})$/ $2/$1/\n",
-                             kind="regexp")
+        instance.write_table("vmailbox", "".join(
+            f"/@{re.escape(domain)}$/ {domain}/\n" for domain in self.domain_pool()
+        ), kind="regexp")
         instance.write_main_cf({
             "virtual_mailbox_domains": f"regexp:{config_dir / 'vdomains'}",
             "virtual_mailbox_maps": f"regexp:{config_dir / 'vmailbox'}",
@@ -574,17 +580,40 @@ class SitePostfix:
         )
         self.sendmail.chmod(0o755)
 
+    POOL_SIZE = 199
+    NEW_DOMAIN_LIMIT = 100
+
+    @classmethod
+    def domain_pool(cls) -> list[str]:
+        return [f"t{number:03d}.{cls.DOMAIN_SUFFIX}" for number in range(1, cls.POOL_SIZE + 1)]
+
     def new_domain(self) -> str:
         self.domains_used += 1
+        if self.domains_used > self.NEW_DOMAIN_LIMIT:
+            raise PostfixError(f"all {self.NEW_DOMAIN_LIMIT} site domains are in use")
         return f"t{self.domains_used:03d}.{self.DOMAIN_SUFFIX}"
 
     def maildir(self, address: str) -> Path:
-        local, _, domain = address.rpartition("@")
-        return self.mail_root / domain.lower() / local.lower()
+        """The Maildir of the address's domain, shared by all its recipients."""
+        return self.mail_root / address.rpartition("@")[2].lower()
 
     def messages(self, address: str) -> list[Path]:
+        """Messages in new/ whose first Delivered-To field is ``address``."""
         new = self.maildir(address) / "new"
-        return sorted(new.iterdir()) if new.is_dir() else []
+        if not new.is_dir():
+            return []
+        wanted = f"Delivered-To: {address}".lower().encode()
+        found = []
+        for path in sorted(new.iterdir()):
+            with path.open("rb") as message:
+                for line in message:
+                    if line.lower().startswith(b"delivered-to:"):
+                        if line.rstrip(b"\r\n").lower() == wanted:
+                            found.append(path)
+                        break
+                    if line in (b"\n", b"\r\n"):
+                        break
+        return found
 
     def wait_for_messages(self, address: str, count: int = 1,
                           timeout: float = DELIVERY_TIMEOUT) -> list[Path]:
