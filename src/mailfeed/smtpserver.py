@@ -525,12 +525,19 @@ class MxSMTP(SMTP):
     def begin_drain(self) -> None:
         """Close now if idle, else after the transaction in progress ends."""
         self.draining = True
-        if self.is_idle() and self.transport is not None and not self.closing:
-            self.closing = True
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            text = ERR_SHUTTING_DOWN.format(hostname=self.owner.config.hostname)
-            self.transport.write(text.encode("ascii") + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if not self.is_idle() or transport is None or self.closing:
+            return
+        self.closing = True
+        if transport.is_closing():
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        text = ERR_SHUTTING_DOWN.format(hostname=self.owner.config.hostname)
+        # A TLS transport whose SSL protocol already ended raises
+        # AttributeError on write (Python 3.11 asyncio.sslproto).
+        with contextlib.suppress(AttributeError, ConnectionError, RuntimeError):
+            transport.write(text.encode("ascii") + b"\r\n")
+        transport.close()
 
     def abort(self) -> None:
         if isinstance(self.transport, asyncio.Transport):
