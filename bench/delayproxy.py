@@ -15,8 +15,8 @@ client *flights*:
     A flight is a maximal run of client-to-server chunks such that the proxy
     delivered no server-to-client data to the client between two of them.
 
-A client chunk is counted when the proxy reads it from the client; a server
-chunk when the proxy writes it to the client, after its delay.  A client that
+A client chunk counts when the proxy reads it from the client.  A server chunk
+counts when the proxy writes it to the client, after its delay.  A client that
 waits for a reply before each command makes one flight per command; a client
 that pipelines a whole batch and then waits makes one flight per batch.  A
 client that keeps a window of commands in flight and tops it up as replies
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _SizeCallback = Callable[[int], None]
 
-# Bytes read from a socket at a time; a chunk is never split or merged.
+# Maximum bytes read from a socket at once.  Each read is relayed as one chunk.
 READ_SIZE = 256 * 1024
 
 
@@ -88,7 +88,7 @@ class FlightCounter:
 
 @dataclass
 class SessionStats:
-    """What the proxy saw on one relayed connection; times are monotonic seconds."""
+    """Counters and times of one relayed connection, in bytes and monotonic seconds."""
 
     session: int
     started: float
