@@ -143,3 +143,44 @@ def run(argv: Sequence[str], *, stdin: bytes = b"", env: dict[str, str] | None =
 def iter_lines(path: Path) -> Iterator[str]:
     with path.open(encoding="latin-1") as fp:
         yield from fp
+
+
+def split_mboxrd(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Split an mboxrd file into (From_ line, message) pairs, removing the quoting.
+
+    A message starts at a ``From `` line at the top of the file or after an
+    empty line; the empty line before the next ``From_`` line is dropped, and
+    one ``>`` is removed from each line matching ``^>+From ``.
+    """
+    import re
+
+    messages: list[tuple[bytes, bytes]] = []
+    starts = [0] if data.startswith(b"From ") else []
+    starts += [m.start() + 2 for m in re.finditer(rb"\n\nFrom ", data)]
+    for index, start in enumerate(starts):
+        end = starts[index + 1] - 1 if index + 1 < len(starts) else len(data) - 1
+        newline = data.index(b"\n", start)
+        body = data[newline + 1 : end]
+        messages.append((data[start:newline], re.sub(rb"(?m)^>(>*From )", rb"\1", body)))
+    return messages
+
+
+def mbox_form(message: bytes) -> bytes:
+    """Return ``message`` as an mbox stores it: CRLF as LF, ending in LF."""
+    message = message.replace(b"\r\n", b"\n")
+    return message if message.endswith(b"\n") else message + b"\n"
+
+
+def expected_spool_bytes(block_for: Any, message: bytes) -> bytes:
+    """Return the block and message as fwd stores them in a Maildir.
+
+    ``block_for(newline)`` returns the block with that line end.  The leading
+    mbox ``From `` line is dropped and the block's lines end like the
+    message's first line (LF only when that line ends in a bare LF).
+    """
+    if message.startswith(b"From "):
+        newline = message.find(b"\n")
+        message = b"" if newline < 0 else message[newline + 1 :]
+    end = message.find(b"\n")
+    bare_lf = end >= 0 and message[end - 1 : end] != b"\r"
+    return bytes(block_for(b"\n" if bare_lf else b"\r\n")) + message

@@ -18,6 +18,7 @@ __all__ = [
     "EX_CANTCREAT",
     "EX_CONFIG",
     "EX_DATAERR",
+    "EX_NOPERM",
     "EX_NOUSER",
     "EX_OK",
     "EX_SOFTWARE",
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "MailfeedError",
+    "NotPermitted",
     "PermanentError",
     "TempFailure",
     "UnknownSite",
@@ -43,6 +45,7 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
 
 # errno values that a later retry may clear: the MTA keeps the message queued.
@@ -99,6 +102,12 @@ class UsageError(MailfeedError):
     """Invalid command-line usage."""
 
     exit_code = EX_USAGE
+
+
+class NotPermitted(MailfeedError):
+    """The program runs with privileges it must not have (for example as root)."""
+
+    exit_code = EX_NOPERM
 
 
 class ConfigError(MailfeedError):

@@ -1,0 +1,638 @@
+"""The fetch engine: drain POP3 mailboxes into the local MTA, exactly once.
+
+For each configured source one session runs::
+
+    connect (TLS rules) -> login -> UIDL + LIST (one flight)
+      -> DELE at once what the state says is fully handled (no RETR)
+      -> RETR the rest (pipelined), and for each message as it arrives:
+           digest -> block -> local domains -> record recipients as pending
+           -> deliver to pending and deferred recipients -> record outcomes
+           -> DSN for new failures -> final? queue DELE : keep on the server
+      -> DELE (one flight) -> record -> QUIT -> only then: expunged, prune
+
+Invariants:
+
+* Each step is durable before the next starts: outcomes are committed
+  before DELE is sent, DELE acknowledgements before QUIT, and a message is
+  logged as deleted only after the server acknowledged QUIT (RFC 1939
+  section 6: deletions happen on entering the UPDATE state).
+* A recipient recorded as delivered or failed is never delivered again.
+  The only duplicate possible is a delivery that the target accepted while
+  the process died before the outcome was committed (fault point
+  ``fetch.after_deliver``).
+* A message is deleted only when every recipient is final (delivered, or
+  failed with its DSN handed over or not needed).  A message with a missing
+  or defective block, or with a recipient outside ``local_domains``, is
+  quarantined once and never deleted.
+* A message whose UIDL is unknown but whose SHA-256 digest of the full RETR
+  bytes matches a delivered, not expunged record (a mailbox migration) takes
+  over that record instead of being delivered again.
+* One source's failure never stops the others.
+
+Fault points (see :mod:`mailfeed.faults`), in the order a message meets them:
+``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.after_record``,
+``fetch.after_dsn``, ``fetch.after_dele``, ``fetch.after_quit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import logging
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from mailfeed import pop3client
+from mailfeed.delivery import Outcome, RecipientResult, Target
+from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
+from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
+from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL
+from mailfeed.faults import fault_point
+from mailfeed.fetchconfig import FetchConfig, SourceConfig
+from mailfeed.quarantine import Quarantine
+from mailfeed.state import (
+    FINAL_OUTCOMES,
+    DsnStatus,
+    MessageRecord,
+    MessageStatus,
+    RecipientOutcome,
+    RecipientRecord,
+    StateError,
+    StateStore,
+)
+
+__all__ = [
+    "EX_NOPERM",
+    "DsnSender",
+    "Fetcher",
+    "ProgressCallback",
+    "RunReport",
+    "SourceReport",
+    "combine_exit_codes",
+    "dsn_sender_for",
+]
+
+log = logging.getLogger(__name__)
+
+# sysexits.h: EX_NOPERM, for credentials the server rejected for good.
+EX_NOPERM = 77
+# Order in which per-source exit codes win for the whole run: a problem that
+# needs an admin first, then one that a later run may clear, then messages
+# kept on the server because of their content or a limit.
+EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_DATAERR, EX_OK)
+# RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
+TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
+HASH_CHUNK = 64 * 1024
+
+_TO_STATE = {
+    Outcome.DELIVERED: RecipientOutcome.DELIVERED,
+    Outcome.DEFERRED: RecipientOutcome.DEFERRED,
+    Outcome.FAILED: RecipientOutcome.FAILED,
+}
+
+DsnSender = Callable[[Envelope, Sequence[RecipientRecord], BinaryIO], Outcome]
+"""Send a DSN to the envelope's sender for the failed recipients.
+
+Called with the original envelope, the failed recipients' records and the
+original message (positioned after the block).  Returns how the DSN itself
+fared: DELIVERED (handed over), DEFERRED (try again later) or FAILED.
+"""
+
+ProgressCallback = Callable[["SourceReport", int, int], None]
+"""Called after each retrieved message with the report, the number of
+messages and the octets planned for retrieval in this session."""
+
+
+@dataclass
+class SourceReport:
+    """What one session did; ``exit_code`` is its sysexits status."""
+
+    source: str
+    retrieved: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    deleted: int = 0
+    octets: int = 0
+    seconds: float = 0.0
+    exit_code: int = EX_OK
+    error: str | None = None
+    kept_uidls: list[str] = field(default_factory=list)
+
+    def raise_exit(self, code: int) -> None:
+        self.exit_code = combine_exit_codes([self.exit_code, code])
+
+    def summary(self) -> str:
+        line = (
+            f"source {self.source}: retrieved {self.retrieved}, delivered {self.delivered}, "
+            f"deferred {self.deferred}, failed {self.failed}, quarantined {self.quarantined}, "
+            f"skipped {self.skipped}, deleted {self.deleted}, {self.octets} octets, "
+            f"{self.seconds:.1f} s, exit {self.exit_code}"
+        )
+        if self.kept_uidls:
+            line += f", deferred UIDLs: {' '.join(self.kept_uidls)}"
+        if self.error:
+            line += f", error: {self.error}"
+        return line
+
+
+@dataclass
+class RunReport:
+    sources: list[SourceReport] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return combine_exit_codes([report.exit_code for report in self.sources])
+
+
+def combine_exit_codes(codes: Sequence[int]) -> int:
+    """Return the code that wins among several sources' codes (EXIT_PRIORITY)."""
+    worst = EX_OK
+    for code in codes:
+        rank = EXIT_PRIORITY.index(code) if code in EXIT_PRIORITY else 0
+        if rank < (EXIT_PRIORITY.index(worst) if worst in EXIT_PRIORITY else 0):
+            worst = code
+    return worst
+
+
+def exit_code_for_session_error(exc: BaseException) -> int:
+    """Map an error that ended a session to its sysexits code."""
+    if isinstance(exc, pop3client.Pop3AuthError) and exc.code not in TEMPORARY_AUTH_CODES:
+        return EX_NOPERM if exc.code in ("AUTH", "SYS/PERM") else EX_TEMPFAIL
+    return EX_TEMPFAIL
+
+
+def unique_recipients(recipients: Sequence[str]) -> list[str]:
+    """Drop repeated recipients (the domain compared without case), keeping order."""
+    seen: set[tuple[str, str]] = set()
+    result: list[str] = []
+    for rcpt in recipients:
+        local, _at, domain = rcpt.rpartition("@")
+        key = (local, domain.lower())
+        if key not in seen:
+            seen.add(key)
+            result.append(rcpt)
+    return result
+
+
+def file_digest(message: BinaryIO) -> str:
+    """Return the SHA-256 hex digest of the whole file."""
+    message.seek(0)
+    digest = hashlib.sha256()
+    while chunk := message.read(HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_header_section(message: BinaryIO, limit: int = MAX_HEADER_OCTETS) -> bytes:
+    """Read the header section from the current position, up to ``limit`` octets."""
+    lines: list[bytes] = []
+    total = 0
+    while total < limit:
+        line = message.readline(limit - total)
+        if line in (b"", b"\n", b"\r\n"):
+            break
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+def dsn_sender_for(target: Target, reporting_mta: str) -> DsnSender:
+    """Return a DsnSender that builds an RFC 3464 DSN and delivers it through ``target``."""
+
+    def send(envelope: Envelope, failed: Sequence[RecipientRecord], message: BinaryIO,
+             ) -> Outcome:
+        results = [
+            RecipientResult(row.recipient, Outcome.FAILED, row.code or 550, row.text or "")
+            for row in failed
+        ]
+        report = build_dsn(envelope, results, read_header_section(message),
+                           reporting_mta=reporting_mta)
+        outcome = target.deliver(dsn_envelope(envelope), io.BytesIO(report))
+        return outcome[0].outcome if outcome else Outcome.DEFERRED
+
+    return send
+
+
+def ssl_context_for(source: SourceConfig) -> ssl.SSLContext | None:
+    if source.tls is pop3client.TlsMode.NONE:
+        return None
+    cafile = None if source.ca_file is None else str(source.ca_file)
+    if source.verify:
+        return pop3client.client_ssl_context(cafile)
+    log.warning("source %s: TLS certificate verification is off (verify = false)", source.name)
+    context = ssl.create_default_context(cafile=cafile)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Fetcher:
+    """Runs sessions for the sources of one site configuration."""
+
+    def __init__(
+        self,
+        config: FetchConfig,
+        store: StateStore,
+        target: Target,
+        *,
+        dsn_sender: DsnSender | None = None,
+        trace: bool = False,
+        progress: ProgressCallback | None = None,
+        retry_quarantined: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.target = target
+        self.dsn_sender = dsn_sender
+        self.quarantine = Quarantine(config.quarantine)
+        self.trace = trace
+        self.progress = progress
+        self.retry_quarantined = retry_quarantined
+        self.clock = clock
+        # Set (by a SIGTERM handler) to finish the current message, then QUIT.
+        self.stop_requested = False
+        self._sessions = 0
+
+    async def run(self) -> RunReport:
+        """Run one session per source, one after the other."""
+        report = RunReport()
+        for source in self.config.sources:
+            if self.stop_requested:
+                break
+            report.sources.append(await self.run_source(source))
+        return report
+
+    async def run_source(self, source: SourceConfig) -> SourceReport:
+        """Run one session for ``source``; never raises for a session failure."""
+        self._sessions += 1
+        session = _Session(self, source, f"{source.name}#{self._sessions}")
+        started = time.monotonic()
+        try:
+            await session.run()
+        except StateError as exc:
+            session.fail(exc, "state file error")
+        except (pop3client.Pop3Error, OSError) as exc:
+            session.fail(exc, "session failed")
+        finally:
+            await session.close()
+            session.report.seconds = time.monotonic() - started
+        return session.report
+
+
+class _Session:
+    """One POP3 session of one source: the per-message decisions."""
+
+    def __init__(self, fetcher: Fetcher, source: SourceConfig, session_id: str) -> None:
+        self.fetcher = fetcher
+        self.config = fetcher.config
+        self.limits = fetcher.config.limits
+        self.store = fetcher.store
+        self.source = source
+        self.sid = session_id
+        self.peer = f"{source.host}:{source.port}"
+        self.report = SourceReport(source.name)
+        self.client: pop3client.Pop3Client | None = None
+        self.entries: dict[int, str] = {}
+        self.sizes: dict[int, int] = {}
+        self.records: dict[str, MessageRecord] = {}
+        self.sinks: dict[int, BinaryIO] = {}
+        # Messages to delete: message number -> state row id.
+        self.to_delete: dict[int, int] = {}
+        self.dele_acked: list[tuple[int, str]] = []
+
+    # -- logging -----------------------------------------------------------------
+
+    def _trace(self, direction: str, line: str) -> None:
+        log.debug("%s %s %s: %s", self.sid, self.peer, direction, line.rstrip("\r\n"))
+
+    def fail(self, exc: BaseException, what: str) -> None:
+        self.report.error = str(exc)
+        self.report.raise_exit(exit_code_for_session_error(exc))
+        log.error("%s %s: %s: %s", self.sid, self.peer, what, exc)
+
+    # -- the session ---------------------------------------------------------
+
+    async def run(self) -> None:
+        source = self.source
+        log.info("%s %s: connecting (tls %s)", self.sid, self.peer, source.tls.value)
+        self.client = await pop3client.connect(
+            source.host,
+            source.port,
+            tls=source.tls,
+            ssl_context=ssl_context_for(source),
+            timeouts=self.limits.timeouts,
+            max_line_length=self.limits.max_line_length,
+            allow_plaintext=source.allow_plaintext,
+            trace=self._trace if self.fetcher.trace else None,
+            session_id=self.sid,
+        )
+        await self.client.login(source.user, source.password)
+        listing, self.sizes = await self.client.uidl_and_list()
+        for raw, reason in listing.defects:
+            log.warning("%s %s: UIDL entry skipped, message left alone: %s (line %r)",
+                        self.sid, self.peer, reason, raw)
+        self.entries = dict(sorted(listing.entries.items()))
+        self.records = self.store.get_many(source.name, list(self.entries.values()))
+        to_retrieve = self._plan()
+        if to_retrieve:
+            await self._retrieve(to_retrieve)
+        await self._delete()
+        await self._quit()
+        removed = self.store.prune(source.name, self.entries.values(),
+                                   retention=self.limits.state_retention)
+        if removed:
+            log.info("%s: forgot %d messages no longer on the server", self.sid, removed)
+
+    def _plan(self) -> list[int]:
+        """Sort listed messages into DELE-only, RETR and left alone; return the RETRs."""
+        to_retrieve: list[int] = []
+        max_size = self.limits.max_message_size
+        for msgnum, uidl in self.entries.items():
+            record = self.records.get(uidl)
+            status = None if record is None else record.status
+            if record is not None and status in (MessageStatus.FINAL, MessageStatus.DELE_SENT,
+                                                 MessageStatus.EXPUNGED):
+                # Every recipient is final: the last session did not reach QUIT.
+                self.to_delete[msgnum] = record.id
+                continue
+            if status == MessageStatus.QUARANTINED and not self.fetcher.retry_quarantined:
+                self.report.quarantined += 1
+                self.report.raise_exit(EX_DATAERR)
+                continue
+            size = self.sizes.get(msgnum)
+            if max_size and size is not None and size > max_size:
+                reason = f"size {size} octets is over max_message_size = {max_size}"
+                self._keep(msgnum, uidl, MessageStatus.SKIPPED, reason, size=size)
+                continue
+            to_retrieve.append(msgnum)
+        cap = self.limits.max_messages_per_session
+        if cap and len(to_retrieve) > cap:
+            log.info("%s: %d messages to retrieve, max_messages_per_session = %d: "
+                     "the rest waits for the next session", self.sid, len(to_retrieve), cap)
+            to_retrieve = to_retrieve[:cap]
+        return to_retrieve
+
+    async def _retrieve(self, msgnums: list[int]) -> None:
+        assert self.client is not None
+        planned_octets = sum(self.sizes.get(n, 0) for n in msgnums)
+        results = self.client.retrieve(
+            msgnums,
+            open_sink=self._open_sink,
+            expected_sizes={n: self.sizes[n] for n in msgnums if n in self.sizes},
+            window=self.limits.pipelining_window,
+        )
+        async with contextlib.aclosing(results):  # type: ignore[type-var]
+            async for result in results:
+                sink = self.sinks.pop(result.msgnum, None)
+                try:
+                    await self._handle(result, sink)
+                finally:
+                    if sink is not None:
+                        sink.close()
+                if self.fetcher.progress is not None:
+                    self.fetcher.progress(self.report, len(msgnums), planned_octets)
+                if self.fetcher.stop_requested:
+                    log.info("%s: stop requested: no further messages this session", self.sid)
+                    break
+
+    def _open_sink(self, msgnum: int) -> BinaryIO:
+        sink: BinaryIO = tempfile.TemporaryFile(prefix="mailfeed-fetch-")  # noqa: SIM115
+        self.sinks[msgnum] = sink
+        return sink
+
+    async def _handle(self, result: pop3client.RetrResult, sink: BinaryIO | None) -> None:
+        msgnum = result.msgnum
+        uidl = self.entries[msgnum]
+        if not result.ok or sink is None:
+            self._retrieval_failed(msgnum, uidl, result.error or "no data")
+            return
+        self.report.retrieved += 1
+        self.report.octets += result.size
+        listed_size = self.sizes.get(msgnum)
+        if listed_size is not None and listed_size != result.size:
+            log.warning("%s: message %d (UIDL %s): LIST said %d octets, RETR gave %d",
+                        self.sid, msgnum, uidl, listed_size, result.size)
+        digest = file_digest(sink)
+        fault_point("fetch.after_retr")
+        record = self.records.get(uidl)
+        if record is None:
+            record = self._recognise(uidl, digest, result.size)
+        try:
+            sink.seek(0)
+            block = read_block(sink, max_recipients=self.limits.max_recipients,
+                               allowed_above=self.config.allowed_above_block)
+        except BlockDefect as defect:
+            self._quarantine(msgnum, uidl, digest, sink, f"line {defect.line}: {defect.reason}",
+                             result.size)
+            return
+        recipients = unique_recipients(block.envelope.recipients)
+        foreign = [rcpt for rcpt in recipients if not self.config.is_local(rcpt)]
+        if foreign:
+            reason = (f"recipient {', '.join(foreign)} is outside local_domains "
+                      f"({', '.join(self.config.local_domains)})")
+            self._quarantine(msgnum, uidl, digest, sink, reason, result.size)
+            return
+        record = self.store.begin_message(self.source.name, uidl, digest, result.size,
+                                          recipients)
+        await self._deliver(msgnum, record, block, sink)
+
+    def _recognise(self, uidl: str, digest: str, size: int) -> MessageRecord | None:
+        """Match an unknown UIDL by digest to a delivered, not expunged record."""
+        listed = set(self.entries.values())
+        old = self.store.find_delivered_by_digest(self.source.name, digest, listed)
+        if old is None:
+            return None
+        log.info("%s: UIDL %s has the content (sha256 %s) of UIDL %s, delivered before: "
+                 "taking over its record instead of delivering again",
+                 self.sid, uidl, digest[:16], old.uidl)
+        return self.store.adopt(old, uidl, digest, size)
+
+    async def _deliver(self, msgnum: int, record: MessageRecord, block: Block,
+                       sink: BinaryIO) -> None:
+        rows = self.store.recipients(record.id)
+        todo = [row.recipient for row in rows
+                if row.outcome in (RecipientOutcome.PENDING, RecipientOutcome.DEFERRED)]
+        if todo:
+            envelope = Envelope(block.envelope.sender, tuple(todo))
+            sink.seek(block.length)
+            results = await self._call_target(envelope, sink)
+            fault_point("fetch.after_deliver")
+            outcomes = self._outcomes(record, todo, results)
+            self.store.record_outcomes(record.id, outcomes)
+            fault_point("fetch.after_record")
+            for rcpt, outcome, code, text in outcomes:
+                log.info("%s: message %d (UIDL %s) to <%s>: %s %s %s", self.sid, msgnum,
+                         record.uidl, rcpt, outcome.value, code, text)
+                if outcome == RecipientOutcome.DELIVERED:
+                    self.report.delivered += 1
+                elif outcome == RecipientOutcome.FAILED:
+                    self.report.failed += 1
+            rows = self.store.recipients(record.id)
+        dsn_done = await self._send_dsn(record, block, sink)
+        deferred = [row for row in rows if row.outcome not in FINAL_OUTCOMES]
+        if deferred or not dsn_done:
+            self.store.set_status(record.id, MessageStatus.DELIVERING)
+            self.report.deferred += len(deferred)
+            self.report.kept_uidls.append(record.uidl)
+            self.report.raise_exit(EX_TEMPFAIL)
+            why = "; ".join(f"<{row.recipient}> {row.code} {row.text}" for row in deferred[:5])
+            if not dsn_done:
+                why = (why + "; " if why else "") + "DSN not handed over yet"
+            log.warning("%s: message %d (UIDL %s) kept on the server: %d recipients deferred: %s",
+                        self.sid, msgnum, record.uidl, len(deferred), why)
+            return
+        self.store.set_status(record.id, MessageStatus.FINAL)
+        self.to_delete[msgnum] = record.id
+
+    async def _call_target(self, envelope: Envelope, sink: BinaryIO) -> list[RecipientResult]:
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.fetcher.target.deliver, envelope, sink),
+                timeout=self.limits.delivery_timeout,
+            )
+        except TimeoutError:
+            # NOTE: the thread may still finish the delivery; the recipients stay
+            # deferred, so the next session may deliver them a second time.
+            reason = f"delivery timed out after {self.limits.delivery_timeout:g} s"
+        except Exception as exc:  # any target failure must leave the mail retryable
+            reason = f"delivery failed: {exc!r}"
+        log.error("%s: %s", self.sid, reason)
+        return [RecipientResult(rcpt, Outcome.DEFERRED, 451, f"4.3.0 {reason}")
+                for rcpt in envelope.recipients]
+
+    def _outcomes(self, record: MessageRecord, todo: list[str],
+                  results: list[RecipientResult],
+                  ) -> list[tuple[str, RecipientOutcome, int | None, str | None]]:
+        by_rcpt = {result.recipient: result for result in results}
+        lifetime = self.limits.max_queue_lifetime
+        expired = bool(lifetime) and self.fetcher.clock() - record.first_seen > lifetime
+        outcomes: list[tuple[str, RecipientOutcome, int | None, str | None]] = []
+        for rcpt in todo:
+            result = by_rcpt.get(rcpt)
+            if result is None:
+                outcomes.append((rcpt, RecipientOutcome.DEFERRED, None,
+                                 "the delivery target returned no result"))
+                continue
+            outcome = _TO_STATE[result.outcome]
+            text = result.text
+            if outcome == RecipientOutcome.DEFERRED and expired:
+                outcome = RecipientOutcome.FAILED
+                text = f"{text} (deferred for longer than max_queue_lifetime = {lifetime:g} s)"
+            outcomes.append((rcpt, outcome, result.code, text))
+        return outcomes
+
+    async def _send_dsn(self, record: MessageRecord, block: Block, sink: BinaryIO) -> bool:
+        """Hand over a DSN for failed recipients not yet reported; True when none is owed."""
+        owed = self.store.dsn_owed(record.id)
+        if not owed:
+            return True
+        sender = block.envelope.sender
+        if sender == "" or self.fetcher.dsn_sender is None:
+            why = "null sender" if sender == "" else "no DSN sender configured"
+            log.info("%s: UIDL %s: no DSN for %d failed recipients (%s)", self.sid, record.uidl,
+                     len(owed), why)
+            self.store.set_recipient_dsn(record.id, [row.recipient for row in owed],
+                                         DsnStatus.DROPPED)
+            return True
+        sink.seek(block.length)
+        try:
+            outcome = await asyncio.to_thread(self.fetcher.dsn_sender, block.envelope, owed, sink)
+        except Exception as exc:  # a DSN failure must not lose the original's state
+            log.error("%s: UIDL %s: sending the DSN failed: %r", self.sid, record.uidl, exc)
+            outcome = Outcome.DEFERRED
+        fault_point("fetch.after_dsn")
+        if outcome == Outcome.DEFERRED:
+            return False
+        status = DsnStatus.SENT if outcome == Outcome.DELIVERED else DsnStatus.DROPPED
+        if status == DsnStatus.DROPPED:
+            log.error("%s: UIDL %s: the DSN to <%s> failed for good; dropping it",
+                      self.sid, record.uidl, sender)
+        else:
+            log.info("%s: UIDL %s: DSN sent to <%s> for %d recipients", self.sid, record.uidl,
+                     sender, len(owed))
+        self.store.set_recipient_dsn(record.id, [row.recipient for row in owed], status)
+        return True
+
+    def _quarantine(self, msgnum: int, uidl: str, digest: str, sink: BinaryIO, reason: str,
+                    size: int) -> None:
+        path = self.fetcher.quarantine.store(self.source.name, uidl, digest, sink, reason)
+        self._keep(msgnum, uidl, MessageStatus.QUARANTINED, reason, digest=digest, size=size)
+        if path is not None:
+            log.info("%s: UIDL %s: copy quarantined at %s", self.sid, uidl, path)
+
+    def _keep(self, msgnum: int, uidl: str, status: MessageStatus, reason: str, *,
+              digest: str | None = None, size: int | None = None) -> None:
+        news = self.store.mark_kept(self.source.name, uidl, status, reason, digest=digest,
+                                    size=size)
+        if status == MessageStatus.QUARANTINED:
+            self.report.quarantined += 1
+        else:
+            self.report.skipped += 1
+        self.report.raise_exit(EX_DATAERR)
+        if news:
+            log.warning("%s: message %d (UIDL %s) kept on the server, not delivered (%s): %s",
+                        self.sid, msgnum, uidl, status.value, reason)
+
+    def _retrieval_failed(self, msgnum: int, uidl: str, error: str) -> None:
+        setting = f"max_line_length = {self.limits.max_line_length}"
+        if "line" in error.lower():
+            self._keep(msgnum, uidl, MessageStatus.SKIPPED, f"{error} ({setting})")
+            return
+        log.warning("%s: message %d (UIDL %s) not retrieved, kept on the server: %s",
+                    self.sid, msgnum, uidl, error)
+        self.report.raise_exit(EX_TEMPFAIL)
+
+    async def _delete(self) -> None:
+        if not self.to_delete or self.client is None:
+            return
+        msgnums = sorted(self.to_delete)
+        acked = await self.client.delete_many(msgnums)
+        ids = [self.to_delete[n] for n in msgnums if acked.get(n)]
+        self.store.mark_dele_sent(ids)
+        fault_point("fetch.after_dele")
+        for msgnum in msgnums:
+            if acked.get(msgnum):
+                self.dele_acked.append((self.to_delete[msgnum], self.entries[msgnum]))
+                log.debug("%s: message %d (UIDL %s) marked for deletion", self.sid, msgnum,
+                          self.entries[msgnum])
+            else:
+                log.warning("%s: DELE %d (UIDL %s) rejected; it stays until the next session",
+                            self.sid, msgnum, self.entries[msgnum])
+                self.report.raise_exit(EX_TEMPFAIL)
+
+    async def _quit(self) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        if not await client.quit():
+            if self.dele_acked:
+                log.warning("%s %s: QUIT not acknowledged: %d messages marked for deletion "
+                            "stay on the server until the next session", self.sid, self.peer,
+                            len(self.dele_acked))
+            self.report.raise_exit(EX_TEMPFAIL)
+            self.report.error = "QUIT not acknowledged"
+            return
+        fault_point("fetch.after_quit")
+        self.store.mark_expunged([row_id for row_id, _uidl in self.dele_acked])
+        for _row_id, uidl in self.dele_acked:
+            log.info("%s: deleted UIDL %s", self.sid, uidl)
+        self.report.deleted += len(self.dele_acked)
+
+    async def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
+        self.sinks.clear()
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()

@@ -1,0 +1,188 @@
+"""mailfeed-fwd: store one message from the MTA in a site's spool.
+
+Usage::
+
+    mailfeed-fwd [--config FILE] [--] SITE SENDER RCPT...
+
+The MTA (for example Postfix pipe(8) with ``argv=mailfeed-fwd site1
+${sender} ${recipient}``) passes the envelope as arguments and the message
+on standard input.  An empty SENDER or ``<>`` is the null sender, and any
+address may be given in angle brackets.  The configuration is FILE, else
+``$MAILFEED_CONFIG``, else ``/etc/mailfeed/mx.toml``.
+
+Exit status (sysexits(3)), mapped from exceptions only in
+:func:`mailfeed.errors.exit_code_for`:
+
+* 0 stored;
+* 64 (EX_USAGE) invalid arguments;
+* 65 (EX_DATAERR) invalid address, too many recipients, message too large;
+* 67 (EX_NOUSER) invalid or unknown site name;
+* 77 (EX_NOPERM) run as root (the MTA must run it as an unprivileged user);
+* 78 (EX_CONFIG) missing or invalid configuration;
+* 75 (EX_TEMPFAIL) everything else: disk full, I/O error, lock timeout, the
+  deadline (``limits.deadline``), or an unexpected error.  Never 1, because
+  an MTA bounces mail on an unknown status.
+
+Every failure prints one line on standard error naming the value at fault.
+One process runs per message, so this module imports only what it needs:
+no ``email``, no ``asyncio``, no ``argparse``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from mailfeed.envelope import Envelope, InvalidAddress, validate_address
+from mailfeed.errors import (
+    EX_OK,
+    DataError,
+    MailfeedError,
+    NotPermitted,
+    TempFailure,
+    UsageError,
+    exit_code_for,
+)
+
+__all__ = ["PROG", "USAGE", "main", "parse_args", "parse_envelope"]
+
+PROG = "mailfeed-fwd"
+USAGE = f"usage: {PROG} [--config FILE] [--] SITE SENDER RCPT..."
+HELP = f"""{USAGE}
+
+Store the message on standard input, with an envelope block for SENDER and
+the RCPTs, in the spool of SITE.  An empty SENDER or <> is the null sender.
+
+  --config FILE  configuration file (default: $MAILFEED_CONFIG, else
+                 /etc/mailfeed/mx.toml)
+"""
+# Octets of standard input buffered per read.
+STDIN_BUFFER = 64 * 1024
+
+
+class Args:
+    """Parsed command line."""
+
+    def __init__(self, config: str | None, site: str, sender: str, recipients: list[str]):
+        self.config = config
+        self.site = site
+        self.sender = sender
+        self.recipients = recipients
+
+
+def parse_args(argv: Sequence[str]) -> Args | None:
+    """Parse the arguments; return None for ``--help``, raise UsageError if invalid."""
+    config: str | None = None
+    positional: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        index += 1
+        if positional or arg == "" or not arg.startswith("-"):
+            positional.append(arg)
+        elif arg == "--":
+            positional.extend(argv[index:])
+            break
+        elif arg in ("-h", "--help"):
+            return None
+        elif arg == "--config":
+            if index >= len(argv):
+                raise UsageError(f"option --config needs a FILE; {USAGE}")
+            config = argv[index]
+            index += 1
+        elif arg.startswith("--config="):
+            config = arg[len("--config=") :]
+        else:
+            raise UsageError(f"unknown option {arg!r}; {USAGE}")
+    if len(positional) < 3:
+        raise UsageError(f"expected SITE, SENDER and at least one RCPT; {USAGE}")
+    return Args(config, positional[0], positional[1], positional[2:])
+
+
+def _strip_brackets(value: str) -> str:
+    if len(value) >= 2 and value[0] == "<" and value[-1] == ">":
+        return value[1:-1]
+    return value
+
+
+def parse_envelope(sender: str, recipients: Sequence[str]) -> Envelope:
+    """Build the envelope from command-line addresses; raise DataError naming a bad one."""
+    sender = "" if sender in ("", "<>") else _strip_brackets(sender)
+    try:
+        validate_address(sender, allow_null=True)
+    except InvalidAddress as exc:
+        raise DataError(f"invalid sender: {exc}") from None
+    rcpts: list[str] = []
+    for rcpt in recipients:
+        bare = _strip_brackets(rcpt)
+        try:
+            rcpts.append(validate_address(bare))
+        except InvalidAddress as exc:
+            raise DataError(f"invalid recipient {rcpt!r}: {exc}") from None
+    return Envelope(sender, tuple(rcpts))
+
+
+def _on_deadline(deadline: float) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        raise TempFailure(f"deadline of {deadline:g} s (limits.deadline) passed; nothing stored")
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, deadline)
+
+
+def _run(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if args is None:
+        sys.stdout.write(HELP)
+        return EX_OK
+    if os.geteuid() == 0:
+        raise NotPermitted(
+            f"{PROG} must not run as root; let the MTA run it as the spool's owner"
+        )
+
+    from mailfeed.config import config_path, load_mx_spool_config, validate_site_name
+
+    validate_site_name(args.site)
+    envelope = parse_envelope(args.sender, args.recipients)
+    config = load_mx_spool_config(config_path(args.config))
+    site = config.site(args.site)
+
+    _on_deadline(config.limits.deadline)
+    try:
+        from mailfeed.spool import store_message
+
+        with open(0, "rb", buffering=STDIN_BUFFER, closefd=False) as stdin:
+            store_message(site, envelope, stdin, config.limits)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    return EX_OK
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if not isinstance(exc, (OSError, MailfeedError)):
+        text = f"internal error: {type(exc).__name__}: {text}"
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run mailfeed-fwd and return its exit status."""
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except BaseException as exc:
+        # Every failure, including an unexpected one, becomes a sysexits code.
+        code = exit_code_for(exc)
+        sys.stderr.write(f"{PROG}: {_describe(exc)}\n")
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

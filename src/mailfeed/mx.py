@@ -1,0 +1,219 @@
+"""``mailfeed mx``: the MX daemon, SMTP in and POP3 out, in one asyncio loop.
+
+It listens for SMTP (:mod:`mailfeed.smtpserver`, with STARTTLS when TLS is
+configured), for POP3 with STLS, and for POP3 over implicit TLS
+(:mod:`mailfeed.pop3server`), all as set in the ``[mx]`` table
+(:mod:`mailfeed.mxconfig`).
+
+Signals:
+
+* SIGTERM or SIGINT: close the listening sockets, close idle sessions with
+  ``421``, let sessions in a transaction finish for at most
+  ``shutdown_grace`` seconds, wait for storage under way, and exit 0.
+* SIGHUP: reload the sites, limits, TLS files and credentials.  A new
+  configuration that fails to load is logged and the old one stays in force.
+  Listen addresses change only on restart.
+
+``--ready-file PATH`` receives, once every socket listens, a JSON object with
+the bound addresses (so tests may listen on port 0)::
+
+    {"pid": 1234, "generation": 0, "reload_error": null,
+     "smtp": [["127.0.0.1", 40001]], "pop3": [...], "pop3s": [...]}
+
+It is rewritten after each reload with ``generation`` increased by one and
+``reload_error`` set to the error text or null.  The file is replaced by a
+rename, so a reader never sees it half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, config_path
+from mailfeed.errors import ConfigError, MailfeedError
+from mailfeed.mxconfig import MxConfig, load_mx_config
+
+__all__ = ["MxDaemon", "add_arguments", "make_tls_context", "run"]
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        help=f"configuration file (default: ${CONFIG_ENV} or {DEFAULT_MX_CONFIG})",
+    )
+    parser.add_argument(
+        "--ready-file",
+        help="write the bound addresses as JSON to this file once listening",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log debug messages; twice also logs aiosmtpd's command trace",
+    )
+
+
+def configure_logging(verbose: int) -> None:
+    """Log to stderr: INFO by default, DEBUG with -v."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # aiosmtpd logs every command line at INFO under "mail.log".
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging(args.verbose)
+    path = config_path(args.config)
+    config = load_mx_config(path)
+    daemon = MxDaemon(path, config, ready_file=Path(args.ready_file) if args.ready_file else None)
+    return asyncio.run(daemon.serve())
+
+
+def make_tls_context(config: MxConfig) -> ssl.SSLContext | None:
+    """Build the server TLS context from tls_cert and tls_key, or None without TLS."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{config.source}: mx.tls_cert = {str(config.tls_cert)!r}, mx.tls_key = "
+            f"{str(config.tls_key)!r}: cannot load the certificate and key: {exc}"
+        ) from None
+    return context
+
+
+class MxDaemon:
+    """The SMTP and POP3 listeners of one ``mailfeed mx`` process."""
+
+    def __init__(self, path: str, config: MxConfig, *, ready_file: Path | None = None) -> None:
+        from mailfeed.smtpserver import SmtpServer
+
+        self.path = path
+        self.config = config
+        self.ready_file = ready_file
+        self.tls_context = make_tls_context(config)
+        self.smtp = SmtpServer(config, tls_context=self.tls_context)
+        self.pop3 = Pop3Listeners(config, self.tls_context)
+        self.stopping = asyncio.Event()
+        self.generation = 0
+        self.bound: dict[str, list[tuple[str, int]]] = {}
+
+    async def serve(self) -> int:
+        """Listen, serve until SIGTERM or SIGINT, then drain and return 0."""
+        loop = asyncio.get_running_loop()
+        self.bound["smtp"] = await self.smtp.start(self.config.smtp_listen)
+        self.bound.update(await self.pop3.start())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        log.info(
+            "mailfeed mx started (pid %d): %d sites; smtp %s; pop3 %s; pop3s %s",
+            os.getpid(), len(self.config.spool.sites), _show(self.bound.get("smtp")),
+            _show(self.bound.get("pop3")), _show(self.bound.get("pop3s")),
+        )
+        self.write_ready(None)
+        await self.stopping.wait()
+
+        grace = self.config.limits.shutdown_grace
+        log.info("stopping: no new connections; waiting up to %.0f s for sessions", grace)
+        await asyncio.gather(self.smtp.shutdown(grace), self.pop3.shutdown(grace))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        log.info("mailfeed mx stopped")
+        return 0
+
+    def request_stop(self, signum: int) -> None:
+        if not self.stopping.is_set():
+            log.info("received %s", signal.Signals(signum).name)
+            self.stopping.set()
+
+    def reload(self) -> None:
+        """Load the configuration again; keep the old one if the new one fails."""
+        log.info("received SIGHUP: reloading %s", self.path)
+        try:
+            config = load_mx_config(self.path)
+            tls_context = make_tls_context(config)
+            self.pop3.check(config)
+        except (MailfeedError, OSError) as exc:
+            log.error("reload failed, keeping the previous configuration: %s", exc)
+            self.generation += 1
+            self.write_ready(str(exc))
+            return
+        for name in ("smtp_listen", "pop3_listen", "pop3s_listen"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("mx.%s changed: listen addresses change only on restart", name)
+        self.config = config
+        self.tls_context = tls_context
+        self.smtp.reload(config, tls_context)
+        self.pop3.reload(config, tls_context)
+        self.generation += 1
+        log.info("configuration reloaded: %d sites", len(config.spool.sites))
+        self.write_ready(None)
+
+    def write_ready(self, reload_error: str | None) -> None:
+        if self.ready_file is None:
+            return
+        data: dict[str, Any] = {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "reload_error": reload_error,
+            **{key: [list(pair) for pair in value] for key, value in self.bound.items()},
+        }
+        temporary = self.ready_file.with_name(self.ready_file.name + ".tmp")
+        try:
+            temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+            os.replace(temporary, self.ready_file)
+        except OSError as exc:
+            log.error("cannot write the ready file %s: %s", self.ready_file, exc)
+
+
+class Pop3Listeners:
+    """The POP3 listeners: plain (with STLS when TLS is set) and implicit TLS."""
+
+    def __init__(self, config: MxConfig, tls_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.tls_context = tls_context
+
+    def enabled(self, config: MxConfig) -> bool:
+        return bool(config.pop3_listen or config.pop3s_listen)
+
+    def check(self, config: MxConfig) -> None:
+        """Raise ConfigError if the credentials of ``config`` cannot be loaded."""
+
+    async def start(self) -> dict[str, list[tuple[str, int]]]:
+        if not self.enabled(self.config):
+            return {}
+        raise ConfigError("POP3 is not available yet: set pop3_listen = [] in [mx]")
+
+    def reload(self, config: MxConfig, tls_context: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.tls_context = tls_context
+
+    async def shutdown(self, grace: float) -> None:
+        return None
+
+
+def _show(pairs: list[tuple[str, int]] | None) -> str:
+    if not pairs:
+        return "off"
+    return ", ".join(f"{host} port {port}" for host, port in pairs)

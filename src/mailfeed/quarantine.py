@@ -1,0 +1,109 @@
+"""Quarantine: durable copies of messages the fetcher keeps on the server.
+
+A message whose block is missing or defective, or that names a recipient
+outside the local domains, is not delivered and not deleted.  A copy of its
+raw RETR bytes goes to ``<quarantine>/<source>/<sha256>.eml`` so that an
+admin can inspect it, with a ``.reason`` file beside it that names the
+source, the UIDL, the digest and the reason.
+
+Invariants:
+
+* One copy per (source, digest): the copy is named by the SHA-256 digest of
+  its bytes, and an existing copy is never written again or replaced.
+  The fetcher's state adds the once-per-UIDL rule.
+* A copy is complete or absent: both files are written to temporary names,
+  flushed and fsynced, then the reason is renamed into place and the copy is
+  hard-linked to its final name (which fails if it exists), and the
+  directory is fsynced.  Any failure removes the temporary files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["Quarantine"]
+
+
+COPY_CHUNK = 64 * 1024
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class Quarantine:
+    """The quarantine directory of one site."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path_for(self, source: str, digest: str) -> Path:
+        return self.root / source / f"{digest}.eml"
+
+    def store(self, source: str, uidl: str, digest: str, message: BinaryIO,
+              reason: str) -> Path | None:
+        """Copy ``message`` (read from its start) into quarantine with its reason.
+
+        Return the new copy's path, or None when this content is already
+        quarantined for ``source``.  Raise OSError when the copy cannot be
+        made durable; nothing partial is left behind then.
+        """
+        folder = self.root / source
+        final = folder / f"{digest}.eml"
+        if final.exists():
+            return None
+        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        stamp = f".tmp.{os.getpid()}.{time.monotonic_ns()}"
+        tmp_copy = folder / f"{digest}.eml{stamp}"
+        tmp_reason = folder / f"{digest}.reason{stamp}"
+        try:
+            message.seek(0)
+            with _create(tmp_copy) as out:
+                shutil.copyfileobj(message, out, COPY_CHUNK)
+                _sync(out)
+            text = (
+                f"source: {source}\nuidl: {uidl}\nsha256: {digest}\n"
+                f"quarantined: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+                f"reason: {_one_line(reason)}\n"
+            )
+            with _create(tmp_reason) as out:
+                out.write(text.encode("utf-8", "backslashreplace"))
+                _sync(out)
+            os.replace(tmp_reason, folder / f"{digest}.reason")
+            try:
+                os.link(tmp_copy, final)
+            except FileExistsError:
+                return None
+            _sync_dir(folder)
+        finally:
+            for leftover in (tmp_copy, tmp_reason):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        _sync_dir(folder)
+        return final
+
+
+def _create(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _sync(out: BinaryIO) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

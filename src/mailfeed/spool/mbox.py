@@ -1,0 +1,433 @@
+"""mboxrd writer with dotlock and fcntl locking, truncating back on failure.
+
+Format (mboxrd): each message starts with a ``From_`` line
+``From <sender or MAILER-DAEMON> <asctime in UTC>``; every line of the block
+and message that matches ``^>*From `` gets one more ``>``; CRLF line ends
+are stored as LF; the message ends in LF (one is added if missing) and is
+followed by one empty line.  A reader removes one ``>`` from each line
+matching ``^>+From `` and gets the block and message back with LF line ends.
+
+Locking, in this order: the dotlock ``<mbox>.lock`` (created with O_EXCL),
+then an exclusive fcntl lock (lockf) on the mbox itself, both within
+``Limits.lock_timeout``.  The dotlock contains ``<pid> <hostname> <length>``:
+the length of the mbox before this append, written and fsynced before the
+first octet is appended.
+
+Invariants:
+
+* An exception from :func:`deliver` means the mbox was truncated back to its
+  old length (and fsynced); if even that fails, the dotlock stays behind with
+  the old length in it.
+* After SIGKILL, the dotlock stays behind.  The next writer (or reader, via
+  :func:`recover_stale_lock`) finds its owner dead, truncates the mbox to the
+  recorded length and removes the lock, so a partial message never survives.
+* The mbox and the lock are opened with O_NOFOLLOW relative to the folder
+  that holds them, and the mbox must be a regular file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailfeed.config import Limits
+from mailfeed.errors import TempFailure
+from mailfeed.faults import fault_point
+from mailfeed.spool.prepare import PreparedMessage, count_bare_lf
+
+__all__ = [
+    "FAULT_POINTS",
+    "MBOX_NULL_SENDER",
+    "STALE_LOCK_AGE",
+    "MboxLock",
+    "MboxrdEncoder",
+    "StoredMbox",
+    "deliver",
+    "from_line",
+    "recover_stale_lock",
+]
+
+MBOX_NULL_SENDER = "MAILER-DAEMON"
+FILE_MODE = 0o600
+# A dotlock from another host (whose owner we cannot check) is stale after
+# this many seconds.  NOTE: fixed, not configurable; it must exceed the
+# longest time any program holds the lock.
+STALE_LOCK_AGE = 900.0
+# Polling interval bounds while waiting for a lock, in seconds.
+LOCK_POLL_MIN = 0.01
+LOCK_POLL_MAX = 0.25
+# Octets collected before each write(2).
+WRITE_SIZE = 64 * 1024
+
+FAULT_POINTS = (
+    "mbox.after_lock",
+    "mbox.mid_write",
+    "mbox.after_write",
+    "mbox.after_fsync",
+)
+
+# fcntl locks belong to the process, so threads of one process (the MX
+# daemon's workers) also serialise stale-lock recovery with this lock.
+_recovery_lock = threading.Lock()
+
+
+def from_line(sender: str, when: float) -> bytes:
+    """Return the ``From_`` line for a message from ``sender`` stored at ``when``."""
+    stamp = time.asctime(time.gmtime(when))
+    return f"From {sender or MBOX_NULL_SENDER} {stamp}\n".encode("utf-8", "surrogateescape")
+
+
+class MboxrdEncoder:
+    """Turn a stream of chunks into mboxrd lines: CRLF to LF, ``^>*From `` quoted.
+
+    Chunks may split lines anywhere.  :attr:`size` and :attr:`wsize` count
+    what a reader gets back after removing the quoting, including the LF
+    added at the end when the message has none.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.wsize = 0
+        self._pending_cr = False
+        self._at_line_start = True
+        self._in_prefix = False
+        self._tail = b""
+        self._prev_cr = False
+        self._last = b"\n"
+
+    def _count(self, data: bytes) -> bytes:
+        if data:
+            self.size += len(data)
+            self.wsize += len(data) + count_bare_lf(data, self._prev_cr)
+            self._prev_cr = data[-1:] == b"\r"
+            self._last = data[-1:]
+        return data
+
+    def encode(self, chunk: bytes) -> Iterator[bytes]:
+        """Yield the mboxrd form of one chunk (output may lag by a few octets)."""
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        chunk = chunk.replace(b"\r\n", b"\n")
+        yield from self._quote(chunk)
+
+    def _quote(self, data: bytes) -> Iterator[bytes]:
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if self._at_line_start:
+                self._at_line_start = False
+                self._in_prefix = True
+                self._tail = b""
+            if self._in_prefix:
+                if not self._tail:
+                    stripped = data[pos:].lstrip(b">")
+                    run = end - pos - len(stripped)
+                    if run:
+                        yield self._count(data[pos : pos + run])
+                        pos += run
+                    if pos == end:
+                        return
+                take = data[pos : pos + 5 - len(self._tail)]
+                newline = take.find(b"\n")
+                if newline >= 0:
+                    take = take[: newline + 1]
+                self._tail += take
+                pos += len(take)
+                if self._tail == b"From ":
+                    yield b">"
+                elif b"From "[: len(self._tail)] == self._tail:
+                    return  # undecided until more data arrives
+                self._in_prefix = False
+                yield self._count(self._tail)
+                if self._tail.endswith(b"\n"):
+                    self._at_line_start = True
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                yield self._count(data[pos:])
+                return
+            yield self._count(data[pos : newline + 1])
+            pos = newline + 1
+            self._at_line_start = True
+
+    def finish(self) -> Iterator[bytes]:
+        """Yield what is held back, a final LF if missing, and the empty separator line."""
+        if self._pending_cr:
+            self._pending_cr = False
+            yield from self._quote(b"\r")
+        if self._in_prefix and self._tail:
+            self._in_prefix = False
+            yield self._count(self._tail)
+        if self._last != b"\n":
+            yield self._count(b"\n")
+        yield b"\n"
+
+
+@dataclass(frozen=True)
+class StoredMbox:
+    """Where an append went: the mbox, the offset of its ``From_`` line, sizes."""
+
+    path: Path
+    offset: int
+    size: int
+    wsize: int
+
+
+def _hostname() -> str:
+    return os.uname().nodename or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parse_lock(content: bytes) -> tuple[int | None, str | None, int | None]:
+    parts = content.split()
+    try:
+        pid = int(parts[0]) if parts else None
+        host = parts[1].decode("utf-8", "replace") if len(parts) > 1 else None
+        length = int(parts[2]) if len(parts) > 2 else None
+    except ValueError:
+        return None, None, None
+    return pid, host, length
+
+
+def _read_lock(lock_name: str, dir_fd: int) -> tuple[bytes, os.stat_result] | None:
+    try:
+        fd = os.open(lock_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 4096), os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_stale(content: bytes, st: os.stat_result) -> bool:
+    pid, host, _length = _parse_lock(content)
+    if pid is not None and host == _hostname():
+        return not _pid_alive(pid)
+    return time.time() - st.st_mtime > STALE_LOCK_AGE
+
+
+def _lockf(fd: int, deadline: float, shown: Path) -> None:
+    delay = LOCK_POLL_MIN
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            raise TempFailure(f"timed out waiting for the fcntl lock on {shown}")
+        time.sleep(delay)
+        delay = min(delay * 2, LOCK_POLL_MAX)
+
+
+def _open_mbox(name: str, dir_fd: int, shown: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TempFailure(f"refusing mbox {shown}: it is a symbolic link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TempFailure(f"refusing mbox {shown}: it is not a regular file")
+    return fd
+
+
+def _open_parent(path: Path) -> int:
+    try:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TempFailure(f"cannot open mbox {path}: folder {path.parent} does not exist") from None
+
+
+def recover_stale_lock(path: Path) -> bool:
+    """Remove the dotlock of ``path`` if its owner is gone, truncating the mbox first.
+
+    Return True when a stale lock was removed.  The mbox is truncated to the
+    length recorded in the lock, under the mbox's fcntl lock.
+    """
+    dir_fd = _open_parent(path)
+    try:
+        return _recover(path, dir_fd, time.monotonic() + LOCK_POLL_MAX * 4)
+    finally:
+        os.close(dir_fd)
+
+
+def _recover(path: Path, dir_fd: int, deadline: float) -> bool:
+    lock_name = path.name + ".lock"
+    seen = _read_lock(lock_name, dir_fd)
+    if seen is None or not _is_stale(*seen):
+        return False
+    with _recovery_lock:
+        fd = _open_mbox(path.name, dir_fd, path)
+        try:
+            _lockf(fd, deadline, path)
+            again = _read_lock(lock_name, dir_fd)
+            if again is None:
+                return False
+            content, st = again
+            if (
+                content != seen[0]
+                or st.st_ino != seen[1].st_ino
+                or st.st_mtime_ns != seen[1].st_mtime_ns
+            ):
+                return False
+            _pid, _host, length = _parse_lock(content)
+            if length is not None and os.fstat(fd).st_size > length:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
+            os.unlink(lock_name, dir_fd=dir_fd)
+            return True
+        finally:
+            os.close(fd)
+
+
+class MboxLock:
+    """The dotlock and fcntl lock on one mbox, held while appending."""
+
+    def __init__(self, path: Path, limits: Limits) -> None:
+        self.path = path
+        self.limits = limits
+        self.lock_name = path.name + ".lock"
+        self.dir_fd = -1
+        self.lock_fd = -1
+        self.mbox_fd = -1
+
+    def acquire(self) -> int:
+        """Take both locks and return the mbox descriptor (opened for appending)."""
+        deadline = time.monotonic() + self.limits.lock_timeout
+        self.dir_fd = _open_parent(self.path)
+        try:
+            self._dotlock(deadline)
+            self.mbox_fd = _open_mbox(self.path.name, self.dir_fd, self.path)
+            _lockf(self.mbox_fd, deadline, self.path)
+        except BaseException:
+            self.release(keep_dotlock=False)
+            raise
+        return self.mbox_fd
+
+    def _dotlock(self, deadline: float) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        delay = LOCK_POLL_MIN
+        while True:
+            try:
+                self.lock_fd = os.open(self.lock_name, flags, FILE_MODE, dir_fd=self.dir_fd)
+                break
+            except FileExistsError:
+                pass
+            if _recover(self.path, self.dir_fd, deadline):
+                continue
+            if time.monotonic() >= deadline:
+                raise TempFailure(
+                    f"timed out after {self.limits.lock_timeout} s waiting for the lock "
+                    f"{self.path.parent / self.lock_name}; if no program holds it, remove it"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, LOCK_POLL_MAX)
+        os.write(self.lock_fd, f"{os.getpid()} {_hostname()}\n".encode())
+
+    def record_length(self, length: int) -> None:
+        """Write the mbox's length before the append into the dotlock, durably."""
+        data = f"{os.getpid()} {_hostname()} {length}\n".encode()
+        os.pwrite(self.lock_fd, data, 0)
+        os.fsync(self.lock_fd)
+
+    def release(self, *, keep_dotlock: bool) -> None:
+        """Drop both locks; ``keep_dotlock`` leaves the dotlock for stale recovery."""
+        if self.mbox_fd >= 0:
+            os.close(self.mbox_fd)  # closing drops the fcntl lock
+            self.mbox_fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+            if not keep_dotlock:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_name, dir_fd=self.dir_fd)
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _mbox_bytes(prepared: PreparedMessage, encoder: MboxrdEncoder) -> Iterable[bytes]:
+    yield from_line(prepared.envelope.sender, time.time())
+    for chunk in prepared.chunks():
+        yield from encoder.encode(chunk)
+    yield from encoder.finish()
+
+
+def deliver(path: Path, prepared: PreparedMessage, limits: Limits) -> StoredMbox:
+    """Append the prepared message to the mbox at ``path``; see the module invariants."""
+    lock = MboxLock(path, limits)
+    fd = lock.acquire()
+    keep_dotlock = False
+    try:
+        old_length = os.fstat(fd).st_size
+        lock.record_length(old_length)
+        fault_point("mbox.after_lock")
+        encoder = MboxrdEncoder()
+        try:
+            first = True
+            buffer: list[bytes] = []
+            buffered = 0
+            for data in _mbox_bytes(prepared, encoder):
+                buffer.append(data)
+                buffered += len(data)
+                if first or buffered >= WRITE_SIZE:
+                    _write_all(fd, b"".join(buffer))
+                    buffer.clear()
+                    buffered = 0
+                if first:
+                    # Only the From_ line is on disk: a partial message.
+                    fault_point("mbox.mid_write")
+                    first = False
+            _write_all(fd, b"".join(buffer))
+            fault_point("mbox.after_write")
+            os.fsync(fd)
+            fault_point("mbox.after_fsync")
+        except BaseException:
+            keep_dotlock = not _truncate(fd, old_length)
+            raise
+    finally:
+        lock.release(keep_dotlock=keep_dotlock)
+    return StoredMbox(path, old_length, encoder.size, encoder.wsize)
+
+
+def _truncate(fd: int, length: int) -> bool:
+    """Truncate the mbox back to ``length`` and fsync; return False if that failed."""
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,156 @@
+"""sendmail target (against a recording script) and Maildir target.
+
+The real Postfix sendmail is exercised by the peer tests; here a small
+script records its argv and stdin and exits with a chosen status.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from mailfeed.delivery import MaildirTarget, Outcome, SendmailTarget, target_from_url
+from mailfeed.envelope import Envelope, read_block
+from tests.support import case_bytes
+
+RECORDER = """#!/bin/sh
+dir=$(dirname "$0")
+for arg in "$@"; do printf '%s\\n' "$arg"; done > "$dir/argv"
+cat > "$dir/stdin"
+echo "recorder stderr line" >&2
+status=$(cat "$dir/exit")
+if [ "$status" = TERM ]; then kill -TERM $$; fi
+exit "$status"
+"""
+
+TWO = Envelope("alice@example.net", ("bob@example.org", "-oQ/tmp@example.org"))
+
+
+def recorder(tmp_path: Path, status: str) -> SendmailTarget:
+    script = tmp_path / "sendmail"
+    script.write_text(RECORDER)
+    script.chmod(0o755)
+    (tmp_path / "exit").write_text(status)
+    target = target_from_url(f"sendmail:{script}", timeout=10)
+    assert isinstance(target, SendmailTarget)
+    return target
+
+
+def stored(name: str) -> tuple[Envelope, io.BytesIO]:
+    stream = io.BytesIO(case_bytes(name))
+    return read_block(stream).envelope, stream
+
+
+def test_sendmail_argv_and_lf_body(tmp_path: Path) -> None:
+    target = recorder(tmp_path, "0")
+    envelope, message = stored("H05.retr-1.eml")
+    results = target.deliver(envelope, message)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED]
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["-i", "-f", "alice@example.net", "--", "bob@example.org"]
+    assert (tmp_path / "stdin").read_bytes() == case_bytes("H05.eml").replace(b"\r\n", b"\n")
+
+
+def test_sendmail_no_final_newline_gets_lf(tmp_path: Path) -> None:
+    target = recorder(tmp_path, "0")
+    envelope, message = stored("H05b.spool.eml")
+    target.deliver(envelope, message)
+    expected = case_bytes("H05b.expected-delivered.eml").replace(b"\r\n", b"\n")
+    assert (tmp_path / "stdin").read_bytes() == expected
+
+
+def test_sendmail_null_sender_and_dash_recipient(tmp_path: Path) -> None:
+    target = recorder(tmp_path, "0")
+    null = Envelope("", TWO.recipients)
+    target.deliver(null, io.BytesIO(b"a\r\nb\rc\n"))
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["-i", "-f", "<>", "--", "bob@example.org", "-oQ/tmp@example.org"]
+    assert (tmp_path / "stdin").read_bytes() == b"a\nb\nc\n"
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    ("0", Outcome.DELIVERED),
+    ("75", Outcome.DEFERRED),
+    ("67", Outcome.FAILED),
+    ("69", Outcome.FAILED),
+    ("1", Outcome.FAILED),
+    ("TERM", Outcome.DEFERRED),
+])
+def test_sendmail_exit_status(tmp_path: Path, status: str, outcome: Outcome) -> None:
+    target = recorder(tmp_path, status)
+    results = target.deliver(TWO, io.BytesIO(b"x\n"))
+    assert [r.outcome for r in results] == [outcome, outcome]
+    if status != "0":
+        assert "recorder stderr line" in results[0].text
+    if status.isdigit():
+        assert results[0].code == int(status)
+
+
+def test_sendmail_missing_program_defers(tmp_path: Path) -> None:
+    target = SendmailTarget(str(tmp_path / "absent"))
+    results = target.deliver(TWO, io.BytesIO(b"x\n"))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]
+
+
+def test_maildir_bytes_per_recipient(tmp_path: Path) -> None:
+    envelope, message = stored("H08.retr-1.eml")
+    target = target_from_url(f"maildir:{tmp_path}")
+    results = target.deliver(envelope, message)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
+    expected = case_bytes("H08.eml").replace(b"\r\n", b"\n")
+    for rcpt in envelope.recipients:
+        files = list((tmp_path / rcpt / "new").iterdir())
+        assert len(files) == 1
+        assert files[0].read_bytes() == expected
+        assert list((tmp_path / rcpt / "tmp").iterdir()) == []
+
+
+def test_maildir_lower_case_and_final_lf(tmp_path: Path) -> None:
+    envelope = Envelope("alice@example.net", ("Bob@Example.ORG",))
+    MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"a\r\nb\rc"))
+    [path] = (tmp_path / "bob@example.org" / "new").iterdir()
+    assert path.read_bytes() == b"a\nb\nc\n"
+
+
+@pytest.mark.parametrize("rcpt", [
+    "../../etc@example.org", "a/b@example.org", ".hidden@example.org",
+    "x" * 244 + "@example.org",  # 256 octets: a valid address, too long a file name
+])
+def test_maildir_rejects_unsafe_names(tmp_path: Path, rcpt: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    envelope = Envelope("alice@example.net", (rcpt, "ok@example.org"))
+    results = MaildirTarget(root).deliver(envelope, io.BytesIO(b"x\n"))
+    assert results[0].outcome is Outcome.FAILED
+    assert results[0].recipient == rcpt
+    assert results[1].outcome is Outcome.DELIVERED
+    assert sorted(p.name for p in root.iterdir()) == ["ok@example.org"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+def test_maildir_symlink_folder_defers(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "bob@example.org").symlink_to(tmp_path / "elsewhere")
+    envelope = Envelope("alice@example.net", ("bob@example.org",))
+    results = MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"x\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_maildir_write_error_defers(tmp_path: Path, code: int,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    envelope = Envelope("alice@example.net", ("bob@example.org",))
+    results = MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"x\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert os.strerror(code) in results[0].text
+    assert list((tmp_path / "bob@example.org" / "tmp").iterdir()) == []
+    assert list((tmp_path / "bob@example.org" / "new").iterdir()) == []
