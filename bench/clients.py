@@ -142,7 +142,12 @@ class ClientSetup:
         chown_tree(self.workdir)
 
     def delivered(self) -> int:
-        return sum(len(os.listdir(self.maildir / sub)) for sub in ("new", "cur"))
+        """Count messages in every Maildir under the destination (one per recipient)."""
+        count = 0
+        for dirpath, _dirnames, filenames in os.walk(self.maildir):
+            if os.path.basename(dirpath) in ("new", "cur"):
+                count += len(filenames)
+        return count
 
     def run(self, timeout: float = 1800.0) -> Measured:
         return run_measured(as_run_user(self.argv), env=self.env, cwd=self.workdir,

@@ -102,7 +102,7 @@ def mx_spool_config(root: Path, *, spool_format: str = "maildir", extra: str = "
 class MxDaemon:
     """``mailfeed mx`` with one site, SMTP and POP3 on free ports, run as user mail."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, pop3: bool = True) -> None:
         require_module("mailfeed.mx", "smtpmx")
         self.root = root
         self.smtp_port = free_port()
@@ -113,13 +113,16 @@ class MxDaemon:
         root.mkdir(parents=True, exist_ok=True)
         passwd = root / "passwd"
         passwd.write_text(f"{POP3_USER}:{{PLAIN}}{POP3_PASSWORD}\n")
+        self.pop3 = pop3
+        pop3_listen = f'["127.0.0.1:{self.pop3_port}"]' if pop3 else "[]"
         extra = (
-            "[smtp]\n"
-            f'listen = ["127.0.0.1:{self.smtp_port}"]\n\n'
-            "[pop3]\n"
-            f'listen = ["127.0.0.1:{self.pop3_port}"]\n'
+            "[mx]\n"
+            'hostname = "mx.example.net"\n'
+            f'smtp_listen = ["127.0.0.1:{self.smtp_port}"]\n'
+            f'pop3_listen = {pop3_listen}\n'
+            'pop3s_listen = []\n'
             f'passwd_file = "{passwd}"\n'
-            "allow_plaintext = true\n\n")
+            "allow_plaintext_auth = true\n\n")
         self.config = mx_spool_config(root, extra=extra)
         passwd.chmod(0o600)
         if os.geteuid() == 0:
@@ -138,9 +141,11 @@ class MxDaemon:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 tail = (self.root / "mx.log").read_text(errors="replace")[-1500:]
                 self.stop()
+                if "POP3 is not available yet" in tail:
+                    raise NotRun("mailfeed mx does not serve POP3 yet in this checkout")
                 raise RuntimeError(f"mailfeed mx did not start: {tail}")
             time.sleep(0.02)
-        wait_port(self.pop3_port, process=self.process)
+        wait_port(self.smtp_port, process=self.process)
 
     def peak_rss_kib(self) -> int:
         """Return the daemon's peak resident set size so far (VmHWM), in KiB."""

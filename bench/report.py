@@ -43,7 +43,8 @@ def _disk(path: Path) -> str:
         block = Path("/sys/block") / device
         rotational = block / "queue" / "rotational"
         if rotational.exists():
-            kind = "rotational" if rotational.read_text().strip() == "1" else "non-rotational"
+            flag = rotational.read_text().strip() == "1"
+            kind = f"kernel reports it {'rotational' if flag else 'non-rotational'}"
             details.append(kind)
         size = block / "size"
         if size.exists():

@@ -20,6 +20,10 @@ SCENARIO_KEYS = {"key", "title", "description", "status", "columns", "primary", 
                  "subjects", "mailfeed_ratio", "floor", "goals", "notes", "elapsed"}
 
 
+# The smoke run starts Dovecot and Postfix and runs every client once: about 20 s.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], str]:
     need_corpus()
