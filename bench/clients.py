@@ -241,7 +241,6 @@ def mailfeed_fetch_setup(root: Path, program: str, port: int, user: str, passwor
     _private_file(config, config_text.format(port=port, user=user, password=password,
                                              maildir=maildir, workdir=workdir))
     argv = [program, "fetch", "--config", str(config)]
-    env = _base_env(workdir)
-    if os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    # The console script imports mailfeed from this checkout, not from an installed copy.
+    env = {**_base_env(workdir), "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
     return ClientSetup("mailfeed", argv, env, workdir, maildir)
