@@ -5,7 +5,7 @@ main thread (or a ``mailfeed fetch`` subprocess) talk to them over real
 sockets.
 
 * :class:`RecordingMta` is an aiosmtpd SMTP server that stores every
-  accepted transaction and answers with scripted codes: per recipient at
+  accepted transaction and replies with scripted codes: per recipient at
   RCPT, per message content at DATA, and 452 after a recipient limit.
 * :class:`MailboxServer` is a small POP3 maildrop (RFC 1939) with UIDL,
   LIST, RETR, DELE, RSET and QUIT; deletions happen only on QUIT, as a real
@@ -51,6 +51,11 @@ class Delivery:
     mail_options: list[str]
 
 
+class _LongLineSmtp(SMTP):  # type: ignore[misc]
+    # Real MTAs (Postfix) accept lines far over RFC 5321's 1000 octets.
+    line_length_limit = 8 * 1024 * 1024
+
+
 class _MtaHandler:
     def __init__(self, mta: RecordingMta) -> None:
         self.mta = mta
@@ -73,8 +78,9 @@ class _MtaHandler:
             if code is not None:
                 return code
         with self.mta.lock:
+            sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
             self.mta.deliveries.append(Delivery(
-                envelope.mail_from or "", list(envelope.rcpt_tos), data,
+                sender, list(envelope.rcpt_tos), data,
                 list(envelope.mail_options)))
         return "250 2.0.0 Ok: queued"
 
@@ -95,7 +101,7 @@ class RecordingMta:
 
         async def start() -> asyncio.base_events.Server:
             return await self._thread.loop.create_server(
-                lambda: SMTP(handler, decode_data=False, enable_SMTPUTF8=True,
+                lambda: _LongLineSmtp(handler, decode_data=False, enable_SMTPUTF8=True,
                              hostname="mta.test"),
                 "127.0.0.1", 0)
 
@@ -255,12 +261,14 @@ def block_message(sender: str, recipients: Sequence[str], body: bytes) -> bytes:
 
 def write_config(path: Path, *, pop3_port: int, mta_url: str, state: Path,
                  quarantine: Path, extra_top: str = "", limits: str = "",
-                 source_extra: str = "", sources: Sequence[tuple[str, int]] = ()) -> Path:
+                 source_extra: str = "", sources: Sequence[tuple[str, int]] = (),
+                 local_domains: Sequence[str] = ("example.org",)) -> Path:
     """Write a fetch configuration for one or more loopback sources."""
     listed = list(sources) or [("mx1", pop3_port)]
     text = (
         f'state = "{state}"\nquarantine = "{quarantine}"\n'
-        f'local_domains = ["example.org"]\ndelivery = "{mta_url}"\n'
+        f"local_domains = {list(local_domains)!r}\n"
+        f'delivery = "{mta_url}"\n'
         f'dsn_reporting_mta = "site.example.org"\n{extra_top}\n'
         f"[limits]\n{limits}\n"
         "[limits.timeouts]\nconnect = 10\ngreeting = 10\nlogin = 10\ncommand = 10\n"

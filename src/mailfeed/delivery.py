@@ -91,7 +91,6 @@ MAX_MAILDIR_NAME = 255
 # from a server.  They follow RFC 5321 section 4.2 so that logs and DSNs read
 # like server replies; the enhanced status codes are from RFC 3463.
 CODE_LOCAL_TEMPFAIL = 451  # "Requested action aborted: local error"
-CODE_LOCAL_FAILED = 550  # "mailbox unavailable"
 CODE_ADDRESS_REJECTED = 553  # "mailbox name not allowed"
 # RFC 5321 section 4.5.3.1.10: "452 too many recipients".
 CODE_TOO_MANY_RECIPIENTS = 452
@@ -105,7 +104,6 @@ STATUS_BAD_CONNECTION = "4.4.2"
 STATUS_LOCAL_ERROR = "4.3.0"
 STATUS_SYSTEM_FULL = "4.3.1"
 STATUS_BAD_MAILBOX = "5.1.3"
-STATUS_SYSTEM_ERROR = "5.3.0"
 
 _CRLF = b"\r\n"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -113,7 +111,7 @@ _CR_LINE_END = re.compile(rb"\r\n?")
 
 
 class Outcome(enum.Enum):
-    """What happened to the message for one recipient."""
+    """The delivery outcome for one recipient."""
 
     DELIVERED = "delivered"
     DEFERRED = "deferred"
@@ -135,7 +133,7 @@ class RecipientResult:
 
 
 class Target(Protocol):
-    """Where the site delivers: one result per recipient, in envelope order.
+    """A delivery destination that returns one result per recipient, in envelope order.
 
     ``message`` is a seekable binary file positioned at the first octet of
     the original message; a target may seek back to that position.
@@ -300,7 +298,7 @@ def _command(conn: smtplib.SMTP, line: str) -> tuple[int, str]:
     """Send one command line (UTF-8) and return the reply code and text."""
     if "\r" in line or "\n" in line:
         raise ValueError(f"command contains a line end: {line!r}")
-    conn.send(line.encode("utf-8") + _CRLF)
+    conn.send(line.encode("utf-8", "surrogateescape") + _CRLF)
     code, text = conn.getreply()
     return code, text.decode("utf-8", "replace")
 
@@ -500,7 +498,7 @@ class _SmtpFamilyTarget:
 
 
 def _describe_error(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | socket.timeout):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, smtplib.SMTPResponseException):
         text = exc.smtp_error
@@ -547,9 +545,9 @@ class LmtpTarget(_SmtpFamilyTarget):
 
 # --- sendmail --------------------------------------------------------------
 
-# The null sender on the sendmail command line.  Postfix's sendmail (3.7)
-# parses the -f value as an RFC 822 address, so "<>" and "" both give the
-# null sender there; Sendmail and Exim document "<>", so that form is used.
+# The null sender on the sendmail command line.  Postfix's sendmail parses
+# the -f value as an RFC 822 address, so "<>" and "" both give the null
+# sender.  NOTE: learned by reading Postfix's sendmail.c, not by running it.
 SENDMAIL_NULL_SENDER = "<>"
 
 
@@ -581,8 +579,8 @@ class SendmailTarget:
                     argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors
                 )
             except OSError as exc:
-                log.error("cannot run %s: %s", self.path, exc)
-                return EX_TEMPFAIL, Outcome.DEFERRED, f"cannot run {self.path}: {exc}"
+                log.error("failed to run %s: %s", self.path, exc)
+                return EX_TEMPFAIL, Outcome.DEFERRED, f"failed to run {self.path}: {exc}"
             assert proc.stdin is not None
             deadline = time.monotonic() + self.timeout
             write_error: OSError | None = None
@@ -591,7 +589,7 @@ class SendmailTarget:
                     proc.stdin.write(chunk)
                 proc.stdin.close()
             except OSError as exc:
-                # BrokenPipeError: the program quit early; its status says why.
+                # BrokenPipeError: the program quit early, and its exit status gives the reason.
                 write_error = exc
             try:
                 status = proc.wait(max(0.0, deadline - time.monotonic()))

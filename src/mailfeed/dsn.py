@@ -12,8 +12,8 @@ Invariants:
   6.1, RFC 3464 section 2), so notifications cannot loop.
 * The DSN itself has the null sender and goes to the original sender; it
   carries ``Auto-Submitted: auto-replied`` (RFC 3834 section 5).
-* The report is new content built with the email package; the original
-  message is never parsed or re-serialised, only its header bytes are
+* The report is new content built with the email package.  The original
+  message is never parsed or re-serialised: only its header bytes are
   quoted, cut at :data:`MAX_HEADER_OCTETS`.
 """
 
@@ -132,7 +132,7 @@ def build_dsn(
 ) -> bytes:
     """Build the DSN message (CRLF line ends) for the failed recipients.
 
-    ``failed`` holds FAILED results only; ``original_headers`` is the header
+    ``failed`` contains FAILED results only; ``original_headers`` is the header
     section of the original message as bytes.  Raise ValueError for the
     null sender, an empty list or a result that is not FAILED.
     """

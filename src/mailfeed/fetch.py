@@ -52,7 +52,7 @@ from mailfeed import pop3client
 from mailfeed.delivery import Outcome, RecipientResult, Target
 from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
 from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
-from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL
+from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
 from mailfeed.faults import fault_point
 from mailfeed.fetchconfig import FetchConfig, SourceConfig
 from mailfeed.quarantine import Quarantine
@@ -82,10 +82,11 @@ log = logging.getLogger(__name__)
 
 # sysexits.h: EX_NOPERM, for credentials the server rejected for good.
 EX_NOPERM = 77
-# Order in which per-source exit codes win for the whole run: a problem that
-# needs an admin first, then one that a later run may clear, then messages
-# kept on the server because of their content or a limit.
-EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_DATAERR, EX_OK)
+# Order in which per-source exit codes win for the whole run.  Rejected
+# credentials come first and anything a later run may clear second.  Then
+# come recipients that failed for good (their DSN was handed over), and last
+# messages kept on the server because of their content or a limit.
+EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 HASH_CHUNK = 64 * 1024
@@ -111,7 +112,7 @@ messages and the octets planned for retrieval in this session."""
 
 @dataclass
 class SourceReport:
-    """What one session did; ``exit_code`` is its sysexits status."""
+    """Counts of one session, its sysexits status and the UIDLs it kept deferred."""
 
     source: str
     retrieved: int = 0
@@ -273,7 +274,7 @@ class Fetcher:
         return report
 
     async def run_source(self, source: SourceConfig) -> SourceReport:
-        """Run one session for ``source``; never raises for a session failure."""
+        """Run one session for ``source``; any error ends only this session and is logged."""
         self._sessions += 1
         session = _Session(self, source, f"{source.name}#{self._sessions}")
         started = time.monotonic()
@@ -282,6 +283,9 @@ class Fetcher:
         except StateError as exc:
             session.fail(exc, "state file error")
         except (pop3client.Pop3Error, OSError) as exc:
+            session.fail(exc, "session failed")
+        except Exception as exc:  # one source's bug must not stop the other sources
+            log.exception("%s: unexpected error; messages stay on the server", session.sid)
             session.fail(exc, "session failed")
         finally:
             await session.close()
@@ -420,7 +424,7 @@ class _Session:
         self.report.octets += result.size
         listed_size = self.sizes.get(msgnum)
         if listed_size is not None and listed_size != result.size:
-            log.warning("%s: message %d (UIDL %s): LIST said %d octets, RETR gave %d",
+            log.warning("%s: message %d (UIDL %s): LIST gave %d octets, RETR gave %d",
                         self.sid, msgnum, uidl, listed_size, result.size)
         digest = file_digest(sink)
         fault_point("fetch.after_retr")
@@ -477,6 +481,7 @@ class _Session:
                     self.report.delivered += 1
                 elif outcome == RecipientOutcome.FAILED:
                     self.report.failed += 1
+                    self.report.raise_exit(EX_UNAVAILABLE)
             rows = self.store.recipients(record.id)
         dsn_done = await self._send_dsn(record, block, sink)
         deferred = [row for row in rows if row.outcome not in FINAL_OUTCOMES]

@@ -5,9 +5,9 @@ Usage::
     mailfeed fetch --config /etc/mailfeed/fetch.toml [--daemon] [-v] [--retry-quarantined]
 
 One pass runs a session per source and prints one summary line per source
-on stdout.  ``--daemon`` repeats the pass every ``daemon.interval`` seconds;
-after a pass in which a session failed (connection, TLS, login, protocol)
-it waits longer, doubling up to ``daemon.backoff_max`` with random jitter.
+on stdout.  ``--daemon`` repeats the pass every ``daemon.interval`` seconds.
+When a session of a pass failed (connection, TLS, login, protocol), the wait
+doubles with each such pass, up to ``daemon.backoff_max``, with random jitter.
 SIGHUP reloads the configuration (a bad file keeps the old one), SIGTERM
 and SIGINT finish the current message, QUIT, and stop.
 
@@ -19,9 +19,11 @@ Exit status (sysexits), the worst over all sources, in this order:
   session failed in a way a retry may clear (connection, timeout, TLS, a
   login refused without a permanent response code, QUIT unacknowledged),
   or another fetcher holds the state file.
+* 69 EX_UNAVAILABLE: a recipient failed for good (its DSN was handed over,
+  or none was owed), and the message was deleted.
 * 65 EX_DATAERR: a message stays on the server because of its content or a
   limit (quarantined, over max_message_size or max_line_length).
-* 0: everything listed was delivered (or failed with its DSN sent) and deleted.
+* 0: every listed message was delivered to all its recipients and deleted.
 
 The progress line (messages, octets, rate, time left) is drawn only when
 stdout is a terminal.  ``-v`` logs the POP3 dialogue with secrets masked.

@@ -1,7 +1,7 @@
 """mailfeed's asyncio POP3 client with RFC 2449 PIPELINING.
 
 The fetcher drains a site's mailbox through this client.  It is hand-written
-because Python's ``poplib`` does not fit the job: it blocks the event loop,
+because Python's ``poplib`` does not fit the job.  It blocks the event loop,
 cannot pipeline commands, raises one exception class for every failure,
 rejects lines over 2048 octets, and takes any status beginning with ``+``
 (such as ``+ERR``) for success.
@@ -117,7 +117,7 @@ _MSG_ID = re.compile(rf"<{_DOT_ATOM_TEXT}@(?:{_DOT_ATOM_TEXT}|{_NO_FOLD_LITERAL}
 _ANGLE_TOKEN = re.compile(r"<[^<>]*>")
 
 # Bytes buffered before the client stops reading from the socket; TCP flow
-# control then holds the server back.  A single line may grow the buffer up
+# control then slows the server down.  A single line may grow the buffer up
 # to max_line_length.
 READ_HIGH_WATER = 256 * 1024
 # Unstuffed octets collected before one write to the sink.
@@ -132,7 +132,7 @@ _session_numbers = itertools.count(1)
 
 # Longest line accepted in any reply, counting its CRLF.  RFC 5322 allows 998
 # octets plus CRLF, but real mail carries much longer lines; one such line is
-# the most the client holds in memory.
+# the most the client keeps in memory.
 DEFAULT_MAX_LINE_LENGTH = 4 * 1024 * 1024
 
 # Most RETR commands outstanding at once when the server offers PIPELINING.
@@ -209,7 +209,7 @@ class Pop3Timeout(Pop3Error):
 
 
 class TlsMode(enum.Enum):
-    """How the connection is protected."""
+    """Protection of the connection: implicit TLS, STARTTLS or none."""
 
     IMPLICIT = "implicit"  # TLS from the first octet (RFC 8314, port 995)
     STARTTLS = "starttls"  # plain TCP, then STLS (RFC 2595), required
@@ -220,11 +220,11 @@ class TlsMode(enum.Enum):
 class Timeouts:
     """Seconds allowed for each phase of a session.
 
-    ``connect`` covers TCP connect and TLS handshakes; ``greeting`` the
-    greeting and the CAPA that follows; ``login`` each step of authentication;
-    ``command`` the status line of any other command; ``data`` the silence
-    allowed between two chunks of a multi-line reply (so a large message may
-    take longer as long as octets keep arriving).
+    ``connect`` covers TCP connect and TLS handshakes.  ``greeting`` covers
+    the greeting and the CAPA that follows, ``login`` each step of
+    authentication, and ``command`` the status line of any other command.
+    ``data`` is the silence allowed between two chunks of a multi-line reply,
+    so a large message may take longer as long as octets keep arriving.
     """
 
     connect: float = 30.0
@@ -252,7 +252,7 @@ class RetrResult:
     """The outcome of one RETR.
 
     ``size`` counts the unstuffed octets written to the sink, line ends as
-    sent.  When ``ok`` is False the sink holds an incomplete or doubtful
+    sent.  When ``ok`` is False the sink contains an incomplete or doubtful
     message that the caller must discard; ``error`` says why.
     """
 
@@ -300,7 +300,7 @@ def parse_uidl_listing(lines: Sequence[bytes]) -> UidlListing:
 
     Never raises.  A line is defective when its message number is not a
     positive decimal number, its unique-id is missing, longer than 70 octets,
-    holds octets outside 0x21-0x7E, or is followed by more text.  When two
+    contains octets outside 0x21-0x7E, or is followed by more text.  When two
     lines share a message number or a unique-id, every one of them is
     defective, because the client cannot tell which one is true.
     """
@@ -490,7 +490,7 @@ class _StreamProtocol(asyncio.Protocol):
         self._wake_writer()
 
     async def wait_more(self, have: int) -> None:
-        """Wait until the buffer holds more than ``have`` octets or the stream ends."""
+        """Wait until the buffer contains more than ``have`` octets or the stream ends."""
         if len(self.buffer) > have or self.eof:
             return
         if self._reading_paused and self.transport is not None:

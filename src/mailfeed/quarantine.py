@@ -11,8 +11,8 @@ Invariants:
 * One copy per (source, digest): the copy is named by the SHA-256 digest of
   its bytes, and an existing copy is never written again or replaced.
   The fetcher's state adds the once-per-UIDL rule.
-* A copy is complete or absent: both files are written to temporary names,
-  flushed and fsynced, then the reason is renamed into place and the copy is
+* A copy is complete or absent.  Both files are written to temporary names,
+  flushed and fsynced.  Then the reason is renamed into place, the copy is
   hard-linked to its final name (which fails if it exists), and the
   directory is fsynced.  Any failure removes the temporary files.
 """

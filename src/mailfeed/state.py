@@ -1,8 +1,8 @@
 """The fetcher's durable state: one SQLite file, rows per source and UIDL.
 
-``mailfeed fetch`` records every step before it takes the next one: a
-message's recipients are stored as pending before delivery, each outcome is
-committed as soon as the delivery target returns it, and only a message whose
+``mailfeed fetch`` records every step before it takes the next one.  A
+message's recipients are stored as pending before delivery, and each outcome
+is committed as soon as the delivery target returns it.  Only a message whose
 recipients are all final may be deleted on the server.  A crash at any point
 therefore loses nothing; the only redelivery possible is of a recipient whose
 delivery was accepted but whose outcome was not yet committed.
@@ -80,7 +80,7 @@ class StateLocked(StateError):
 
 
 class MessageStatus(StrEnum):
-    """Where a message stands; see the module docstring."""
+    """The stage a message has reached; see the module docstring."""
 
     # Recipients recorded, some not final yet (pending or deferred).
     DELIVERING = "delivering"
@@ -121,7 +121,7 @@ FINAL_OUTCOMES = frozenset({RecipientOutcome.DELIVERED, RecipientOutcome.FAILED}
 
 
 class DsnStatus(StrEnum):
-    """Whether the sender still has to be told about failed recipients."""
+    """The state of the DSN owed to the sender for a failed recipient."""
 
     NONE = "none"
     PENDING = "pending"

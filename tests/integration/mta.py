@@ -125,7 +125,8 @@ def scripted_server(script: list[tuple[str, str]]) -> Iterator[tuple[int, list[b
     Each step is (expected command prefix, reply bytes).  The prefix "*DATA"
     reads the message up to the final "." line and then sends the reply;
     the reply "!close" closes the connection, and so does the prefix
-    "!close" without reading a line.  Received lines are recorded.
+    "!close" without reading a line.  The reply "!stall" sends nothing until
+    the client closes the connection.  Received lines are recorded.
     """
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
@@ -155,6 +156,11 @@ def scripted_server(script: list[tuple[str, str]]) -> Iterator[tuple[int, list[b
                         conn.sendall(b"500 unexpected command\r\n")
                         return
                 if reply == "!close":
+                    return
+                if reply == "!stall":
+                    # Send nothing; wait until the client gives up and closes.
+                    while reader.readline():
+                        pass
                     return
                 conn.sendall(reply.encode() + b"\r\n")
             reader.readline()  # QUIT

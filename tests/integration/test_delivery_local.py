@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,24 @@ def test_maildir_write_error_defers(tmp_path: Path, code: int,
     assert os.strerror(code) in results[0].text
     assert list((tmp_path / "bob@example.org" / "tmp").iterdir()) == []
     assert list((tmp_path / "bob@example.org" / "new").iterdir()) == []
+
+
+def test_maildir_streams_large_message(tmp_path: Path) -> None:
+    line = b"0123456789" * 99 + b"\r\n"  # 992 octets
+    size = 16 * 1024 * 1024
+    source = tmp_path / "big.eml"
+    with source.open("wb") as out:
+        for _ in range(size // len(line)):
+            out.write(line)
+    envelope = Envelope("alice@example.net", ("bob@example.org",))
+    tracemalloc.start()
+    try:
+        with source.open("rb") as message:
+            results = MaildirTarget(tmp_path / "mail").deliver(envelope, message)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert results[0].outcome is Outcome.DELIVERED
+    [written] = (tmp_path / "mail" / "bob@example.org" / "new").iterdir()
+    assert written.stat().st_size == (size // len(line)) * (len(line) - 1)
+    assert peak < 1024 * 1024, f"peak Python allocation {peak} octets for a {size}-octet message"

@@ -10,6 +10,7 @@ import pytest
 
 from mailfeed.delivery import Outcome, RecipientResult, SmtpTarget, target_from_url
 from mailfeed.envelope import Envelope, read_block
+from mailfeed.errors import ConfigError
 from tests.integration.mta import RecordingHandler, ServerThread, scripted_server
 from tests.support import case_bytes, case_json
 
@@ -199,3 +200,40 @@ def test_smtp_envelope_recorded_as_json_roundtrip() -> None:
         deliver(server, envelope, message)
     assert json.dumps(handler.transactions[0].recipients) == json.dumps(
         case_json("H08.envelope.json")["recipients"])
+
+
+def test_smtp_timeout_defers() -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org",))
+    script = [("EHLO", "250 scripted.test"), ("MAIL", "250 ok"), ("RCPT", "!stall")]
+    with scripted_server(script) as (port, _):
+        results = SmtpTarget("127.0.0.1", port, timeout=0.5).deliver(
+            envelope, io.BytesIO(b"x\r\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert "timed out" in results[0].text
+
+
+def test_smtp_452_first_recipient_defers_all() -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org", "b@example.org"))
+    handler = RecordingHandler(recipient_limit=0)
+    with ServerThread(handler) as server:
+        results = deliver(server, envelope, io.BytesIO(b"x\r\n"))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]
+    assert [r.code for r in results] == [452, 452]
+    assert handler.transactions == []
+
+
+def test_smtp_reply_line_over_max_line_defers() -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org",))
+    script = [("EHLO", "250 " + "x" * 200)]
+    with scripted_server(script) as (port, _):
+        target = target_from_url(f"smtp://127.0.0.1:{port}", timeout=5, max_line=100)
+        results = target.deliver(envelope, io.BytesIO(b"x\r\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert "longer than 100 octets" in results[0].text
+
+
+@pytest.mark.parametrize("url", ["smtp:/x", "smtp://", "smtp://h:99999", "lmtp:relative",
+                                 "maildir:relative", "pop3://h:1", "sendmail:", "smtp://h:0"])
+def test_target_url_invalid(url: str) -> None:
+    with pytest.raises(ConfigError, match="invalid delivery target"):
+        target_from_url(url)

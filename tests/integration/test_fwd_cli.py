@@ -147,12 +147,15 @@ def test_root_refused_exit_77(root: Path) -> None:
 
 @pytest.mark.parametrize("site", ["..", "a/b", ".x", "../etc", "x" * 65, "-", ""])
 def test_traversal_site_names_exit_67(root: Path, site: str) -> None:
-    before = sorted(root.parent.iterdir())
-    result = run_fwd(fwd_args(root, "--", site, "", "b@example.org"), MESSAGE)
+    spool = root / "spool"
+    spool.mkdir()
+    os.chmod(spool, 0o777)
+    config = write_config(spool)
+    result = run_fwd(["--config", str(config), "--", site, "", "b@example.org"], MESSAGE)
     assert result.returncode == 67, result.stderr
     assert "invalid site name" in one_line(result.stderr)
-    assert sorted(root.parent.iterdir()) == before
-    assert sorted(p.name for p in root.iterdir()) == ["mx.toml"]
+    assert sorted(p.name for p in root.iterdir()) == ["mx.toml", "spool"]
+    assert sorted(p.name for p in spool.iterdir()) == ["mx.toml"]
 
 
 def test_nul_site_name_exit_67(

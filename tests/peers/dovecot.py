@@ -16,6 +16,8 @@ is open to it so that ``dovecot-lda`` can run as that user.
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -98,8 +100,11 @@ class DovecotInstance:
         return self.root / "cert.pem"
 
     @classmethod
-    def create(cls, name: str, role_text: str) -> DovecotInstance:
-        """Make the folders, a certificate and the configuration; start nothing."""
+    def create(cls, name: str, role_text: str = "") -> DovecotInstance:
+        """Make the folders, a certificate and the configuration; start nothing.
+
+        The role file may be rewritten (``role_file``) before :meth:`start`.
+        """
         root = Path(tempfile.mkdtemp(prefix=f"mailfeed-dovecot-{name}-"))
         root.chmod(0o755)
         instance = cls(name, root, root / "role.conf", free_port(), free_port(), free_port())
@@ -108,6 +113,10 @@ class DovecotInstance:
         make_self_signed_cert(root)
         instance.role_file.write_text(role_text)
         instance.config_file.write_text(instance.harness_config())
+        # dovecot-lda, running as the test user, appends to the same log.
+        instance.log_file.touch()
+        uid, gid = run_user_ids()
+        os.chown(instance.log_file, uid, gid)
         # dovecot-lda runs as the test user and reads the configuration.
         for path in (root, instance.config_file, instance.role_file):
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -145,6 +154,11 @@ service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
     port = {self.lmtp_port}
+  }}
+}}
+service stats {{
+  unix_listener stats-writer {{
+    mode = 0666
   }}
 }}
 service auth {{
@@ -223,8 +237,74 @@ service auth {{
         return argv
 
 
-def make_user_tree(path: Path) -> Path:
-    """Create ``path`` (and parents under it) owned by the test user."""
-    path.mkdir(parents=True, exist_ok=True)
-    chown_tree(path)
-    return path
+# ---------------------------------------------------------------------------
+# Roles
+
+
+class SpoolDovecot:
+    """Dovecot serving mailfeed's spool over POP3, one POP3 user per site.
+
+    The role file is docs/examples/dovecot/spool-maildir.conf (or
+    spool-mbox.conf) with the spool root, the state folder, the passwd-file
+    and the account replaced.  :meth:`add_user` adds a site's POP3 login.
+    """
+
+    def __init__(self, name: str, example: str, spool_root: Path) -> None:
+        from tests.peers.examples import example_text
+
+        self.instance = DovecotInstance.create(name)
+        self.spool_root = spool_root
+        self.state_root = self.instance.root / "state-mail"
+        self.state_root.mkdir()
+        chown_tree(self.state_root)
+        self.passwd = self.instance.root / "mailfeed-users"
+        self.passwd.write_text("")
+        self.passwd.chmod(0o644)
+        self.instance.role_file.write_text(example_text(example, {
+            "/var/spool/mailfeed": str(spool_root),
+            "/var/lib/mailfeed": str(self.state_root),
+            "/etc/dovecot/mailfeed-users": str(self.passwd),
+            "uid=mailfeed gid=mailfeed": f"uid={RUN_USER} gid={RUN_USER}",
+        }))
+        self.passwords: dict[str, str] = {}
+
+    def add_user(self, user: str, password: str | None = None) -> str:
+        """Add a POP3 login for ``user`` (a site name); return its password."""
+        password = password or f"pw-{user}-{secrets.token_hex(6)}"
+        with self.passwd.open("a") as fp:
+            fp.write(f"{user}:{password_hash(password)}\n")
+        self.passwords[user] = password
+        return password
+
+
+class SiteDovecot:
+    """Dovecot delivering over LMTP on the site host.
+
+    The role file is docs/examples/dovecot/site-lmtp.conf; every recipient
+    ``local@domain`` is accepted and stored in the Maildir
+    ``mail_root/domain/local/Maildir`` as the test user.
+    """
+
+    def __init__(self, name: str) -> None:
+        from tests.peers.examples import example_text
+
+        self.instance = DovecotInstance.create(name)
+        self.mail_root = self.instance.root / "vmail"
+        self.mail_root.mkdir()
+        chown_tree(self.mail_root)
+        users = self.instance.root / "users"
+        users.write_text("")
+        users.chmod(0o644)
+        self.instance.role_file.write_text(example_text("dovecot/site-lmtp.conf", {
+            "/etc/dovecot/users": str(users),
+            "uid=vmail gid=vmail": f"uid={RUN_USER} gid={RUN_USER}",
+            "/var/vmail": str(self.mail_root),
+        }))
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.mail_root / domain.lower() / local.lower() / "Maildir"
+
+    def messages(self, address: str) -> list[Path]:
+        new = self.maildir(address) / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []

@@ -403,3 +403,191 @@ class PostfixInstance:
     def sendmail_argv(self) -> list[str]:
         """The sendmail command line that submits into this instance."""
         return [SENDMAIL, "-C", str(self.config_dir)]
+
+
+# ---------------------------------------------------------------------------
+# Roles
+
+
+def toml_value(value: object) -> str:
+    """Format a string, integer, boolean or list of strings as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+@dataclass(frozen=True)
+class MxSite:
+    """A site of the MX role: its name, the domain routed to it, its spool path."""
+
+    name: str
+    domain: str
+    format: str
+    path: Path
+
+    def address(self, local: str) -> str:
+        return f"{local}@{self.domain}"
+
+
+class MxPostfix:
+    """The MX role: Postfix routing site domains to the mailfeed pipe service.
+
+    main.cf and master.cf get the lines of docs/examples/postfix-mx/ verbatim
+    except for paths and the account.  The transport table lists a pool of
+    sites (``s01.mx.test`` to ``mailfeed:s01`` and so on) fixed at start,
+    because Postfix caches its tables; :meth:`new_site` hands out the next
+    one and writes its spool settings into mailfeed's configuration file,
+    which mailfeed-fwd reads afresh on every run.  ``unknown_domain`` routes
+    to a site that is not configured.
+    """
+
+    POOL_SIZE = 40
+    DOMAIN_SUFFIX = "mx.test"
+    UNKNOWN_SITE = "nosuchsite"
+
+    def __init__(self, instance: PostfixInstance, spool_root: Path, fwd_path: str,
+                 run_user: str) -> None:
+        from tests.peers.examples import example_text, transport_entries
+
+        self.instance = instance
+        self.spool_root = spool_root
+        self.config_path = instance.root / "mx.toml"
+        self.sites: dict[str, dict[str, object]] = {}
+        self.used = 0
+        self.unknown_domain = f"unknown.{self.DOMAIN_SUFFIX}"
+
+        config_dir = instance.config_dir
+        table = config_dir / "mailfeed-transport"
+        main_cf = example_text("postfix-mx/main.cf", {
+            "/etc/postfix/mailfeed-transport": str(table),
+        })
+        master_cf = example_text("postfix-mx/master.cf", {
+            "/usr/local/bin/mailfeed-fwd": fwd_path,
+            "/etc/mailfeed/mx.toml": str(self.config_path),
+            "user=mailfeed": f"user={run_user}",
+        })
+        self.transport = transport_entries()[0][1]
+        lines = [f"s{i:02d}.{self.DOMAIN_SUFFIX} {self.transport}:s{i:02d}"
+                 for i in range(1, self.POOL_SIZE + 1)]
+        lines.append(f"{self.unknown_domain} {self.transport}:{self.UNKNOWN_SITE}")
+        instance.write_main_cf({}, main_cf)
+        instance.write_master_cf(master_cf)
+        instance.write_table("mailfeed-transport", "\n".join(lines) + "\n")
+        self.write_config()
+
+    def new_site(self, example: str = "mailfeed/mx-maildir.toml",
+                 substitutions: Mapping[str, str] | None = None) -> MxSite:
+        """Configure the next pool site like ``site1`` of the example file.
+
+        ``substitutions`` replace paths in the example (its spool_root is
+        always replaced by this MX's spool root).
+        """
+        from tests.peers.examples import example_toml
+
+        self.used += 1
+        if self.used > self.POOL_SIZE:
+            raise PostfixError(f"all {self.POOL_SIZE} pool sites are in use: raise POOL_SIZE")
+        name = f"s{self.used:02d}"
+        subs = {'spool_root = "/var/spool/mailfeed"': f'spool_root = "{self.spool_root}"',
+                **(substitutions or {})}
+        template = example_toml(example, subs)["sites"]["site1"]
+        table: dict[str, object] = {}
+        for key, value in template.items():
+            if isinstance(value, list):
+                value = [name if item == "site1" else item for item in value]
+            elif value == "site1":
+                value = name
+            table[key] = value
+        self.sites[name] = table
+        self.write_config()
+        fmt = str(table.get("format", "maildir"))
+        path = self.spool_root / str(table.get("path", name))
+        return MxSite(name, f"{name}.{self.DOMAIN_SUFFIX}", fmt, path)
+
+    def write_config(self) -> None:
+        """Write mailfeed's configuration atomically; mailfeed-fwd reads it per run."""
+        lines = [f"spool_root = {toml_value(str(self.spool_root))}", ""]
+        for name, table in self.sites.items():
+            lines.append(f"[sites.{name}]")
+            lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+            lines.append("")
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines))
+        tmp.chmod(0o644)
+        tmp.replace(self.config_path)
+
+
+class SitePostfix:
+    """The site role: Postfix receiving re-injected mail and delivering to Maildirs.
+
+    Every domain under ``site.test`` is a virtual mailbox domain, and
+    ``local@domain`` is delivered by virtual(8) to the Maildir
+    ``mail_root/domain/local/`` as the test user.  The re-injection listener
+    is docs/examples/postfix-site/master.cf on ``reinject_port``; the
+    ordinary listener on ``instance.smtp_port`` applies the default checks.
+    """
+
+    DOMAIN_SUFFIX = "site.test"
+
+    def __init__(self, instance: PostfixInstance, reinject_port: int, uid: int, gid: int) -> None:
+        from tests.peers.examples import example_text
+
+        self.instance = instance
+        self.reinject_port = reinject_port
+        self.mail_root = instance.root / "mail"
+        self.mail_root.mkdir()
+        os.chown(self.mail_root, uid, gid)
+        self.domains_used = 0
+        config_dir = instance.config_dir
+        suffix = re.escape(self.DOMAIN_SUFFIX)
+        instance.write_table("vdomains", f"/\\.{suffix}$/ OK\n", kind="regexp")
+        instance.write_table("vmailbox", f"/^([^@]+)@(.+\\.{suffix})$/ $2/$1/\n",
+                             kind="regexp")
+        instance.write_main_cf({
+            "virtual_mailbox_domains": f"regexp:{config_dir / 'vdomains'}",
+            "virtual_mailbox_maps": f"regexp:{config_dir / 'vmailbox'}",
+            "virtual_mailbox_base": str(self.mail_root),
+            "virtual_uid_maps": f"static:{uid}",
+            "virtual_gid_maps": f"static:{gid}",
+            "virtual_minimum_uid": str(uid),
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+        })
+        instance.write_master_cf(example_text("postfix-site/master.cf", {
+            "127.0.0.1:10026": f"127.0.0.1:{reinject_port}",
+        }))
+        self.sendmail = instance.root / "sendmail"
+        self.sendmail.write_text(
+            "#!/bin/sh\n"
+            "# Postfix sendmail of the private site instance.\n"
+            f'exec {SENDMAIL} -C {config_dir} "$@"\n'
+        )
+        self.sendmail.chmod(0o755)
+
+    def new_domain(self) -> str:
+        self.domains_used += 1
+        return f"t{self.domains_used:03d}.{self.DOMAIN_SUFFIX}"
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.mail_root / domain.lower() / local.lower()
+
+    def messages(self, address: str) -> list[Path]:
+        new = self.maildir(address) / "new"
+        return sorted(new.iterdir()) if new.is_dir() else []
+
+    def wait_for_messages(self, address: str, count: int = 1,
+                          timeout: float = DELIVERY_TIMEOUT) -> list[Path]:
+        """Wait until ``address`` has ``count`` messages in new/; return their paths."""
+        def probe() -> list[Path] | None:
+            found = self.messages(address)
+            return found if len(found) >= count else None
+
+        return wait_until(probe, timeout=timeout,
+                          what=f"{count} message(s) for {address} in {self.maildir(address)}",
+                          diagnostics=self.instance.log_tail)

@@ -83,7 +83,7 @@ def _open_dir(name: str, parent_fd: int | None, shown: Path) -> int:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise TempFailure(
-                    f"refusing Maildir folder {shown}: it is a symbolic link or not a folder"
+                    f"Maildir folder {shown} rejected: it is a symbolic link or not a folder"
                 ) from None
             raise
     return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)

@@ -249,11 +249,11 @@ def _open_mbox(name: str, dir_fd: int, shown: Path) -> int:
         fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise TempFailure(f"refusing mbox {shown}: it is a symbolic link") from None
+            raise TempFailure(f"mbox {shown} rejected: it is a symbolic link") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise TempFailure(f"refusing mbox {shown}: it is not a regular file")
+        raise TempFailure(f"mbox {shown} rejected: it is not a regular file")
     return fd
 
 

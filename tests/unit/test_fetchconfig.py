@@ -1,0 +1,90 @@
+"""Tests for mailfeed.fetchconfig: defaults, every error names file, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailfeed.errors import ConfigError
+from mailfeed.fetchconfig import load_fetch_config, parse_fetch_config
+from mailfeed.pop3client import TlsMode
+
+MINIMAL = {
+    "state": "/var/lib/mailfeed/fetch.sqlite",
+    "quarantine": "/var/lib/mailfeed/quarantine",
+    "local_domains": ["Example.ORG."],
+    "delivery": "smtp://127.0.0.1:10025",
+    "source": [{"name": "mx1", "host": "mx.example.net", "user": "site1", "password": "pw"}],
+}
+
+
+def with_changes(**changes: object) -> dict[str, object]:
+    data = {key: value for key, value in MINIMAL.items()}
+    data.update(changes)
+    return data
+
+
+def test_defaults() -> None:
+    config = parse_fetch_config("/etc/site.toml", MINIMAL)
+    source = config.sources[0]
+    assert source.tls is TlsMode.IMPLICIT
+    assert source.port == 995
+    assert source.verify is True
+    assert config.local_domains == ("example.org",)
+    assert config.is_local("bob@EXAMPLE.org")
+    assert not config.is_local("bob@example.net")
+    assert config.allowed_above_block == frozenset()
+    assert config.limits.max_recipients >= 1200
+    assert config.daemon.interval == 300
+
+
+def test_starttls_default_port() -> None:
+    source = dict(MINIMAL["source"][0], tls="starttls")  # type: ignore[index]
+    config = parse_fetch_config("/etc/site.toml", with_changes(source=[source]))
+    assert config.sources[0].port == 110
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"limits": {"max_line_length": "big"}}, "limits.max_line_length = 'big'"),
+        ({"limits": {"max_recipents": 5}}, "unknown setting limits.max_recipents"),
+        ({"local_domains": []}, "local_domains"),
+        ({"delivery": None}, "delivery: missing"),
+        ({"source": [{"name": "mx1", "host": "h", "user": "u", "password": "p",
+                      "tls": "ssl"}]}, "source[0].tls = 'ssl'"),
+        ({"source": [{"name": "mx1", "host": "h", "user": "u"}]}, "password"),
+        ({"source": [{"name": "a", "host": "h", "user": "u", "password": "p"},
+                     {"name": "a", "host": "h", "user": "u", "password": "p"}]},
+         "source[1].name = 'a': used twice"),
+        ({"daemon": {"interval": 600, "backoff_max": 60}}, "daemon.backoff_max = 60"),
+        ({"allowed_above_block": ["Return Path"]}, "allowed_above_block"),
+    ],
+)
+def test_errors_name_key_and_value(changes: dict[str, object], expected: str) -> None:
+    data = with_changes(**changes)
+    data = {key: value for key, value in data.items() if value is not None}
+    with pytest.raises(ConfigError) as info:
+        parse_fetch_config("/etc/site.toml", data)
+    assert "/etc/site.toml" in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "pass"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    source = {"name": "mx1", "host": "h", "user": "u", "password_file": "pass"}
+    site = tmp_path / "site.toml"
+    site.write_text(
+        'state = "s.db"\nquarantine = "q"\nlocal_domains = ["example.org"]\n'
+        'delivery = "maildir:/srv/mail"\n[[source]]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in source.items()))
+    config = load_fetch_config(site)
+    assert config.sources[0].password == "s3cret"
+    assert config.state == tmp_path / "s.db"
+    assert "s3cret" not in repr(config)
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_fetch_config(site)
