@@ -5,8 +5,8 @@ into a Maildir, as user ``mail`` when the harness runs as root:
 
 * fetchmail 6.4 hands each message to an MDA, ``safecat TMP NEW``, because
   it has no Maildir writer; ``sslproto ""`` stops it from trying STLS.
-* mpop writes the Maildir itself; ``keep off`` deletes, ``only_new off``
-  fetches every message whatever its UID file says.
+* mpop writes the Maildir itself; ``keep off`` deletes, and ``only_new off``
+  fetches every message regardless of its UID file.
 * getmail6 uses its Maildir destination with ``delete = true``.
 * mailfeed fetch reads the block and delivers into a Maildir target.
 
@@ -116,7 +116,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None,
 
 @dataclass
 class ClientSetup:
-    """What it takes to run one client once: its command, environment and work folder."""
+    """One client ready to run: its command, environment and work folder."""
 
     name: str
     argv: list[str]

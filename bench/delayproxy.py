@@ -17,7 +17,7 @@ client *flights*:
 
 A client chunk counts when the proxy reads it from the client.  A server chunk
 counts when the proxy writes it to the client, after its delay.  A client that
-waits for a reply before each command makes one flight per command; a client
+waits for a reply before each command makes one flight per command.  A client
 that pipelines a whole batch and then waits makes one flight per batch.  A
 client that keeps a window of commands in flight and tops it up as replies
 arrive makes one flight per top-up even though it may never stall, so read

@@ -29,7 +29,7 @@ __all__ = [
 
 
 class NotRun(Exception):
-    """A subject or scenario that cannot run here; the message says why."""
+    """Raised when a subject or scenario cannot run here; the message gives the reason."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ SMOKE = Sizes(repetitions=1, slow_messages=4, slow_delay=0.002, lan_messages=6,
 
 @dataclass
 class Context:
-    """What every scenario gets: sizes, folders and the peers found."""
+    """Inputs of every scenario: sizes, folders and the peers found."""
 
     sizes: Sizes
     workdir: Path

@@ -2,8 +2,8 @@
 
 Real messages come from the corpus folder (one ``.eml`` per message).  Each
 is normalised to LF line ends with any mbox ``From `` first line removed,
-because a Maildir stores LF text and a POP3 server adds the CRs, and gets a
-mailfeed block on top, as the MX side would store it.  The synthetic mix is a
+because a Maildir stores LF text and a POP3 server adds the CRs.  Each then
+gets a mailfeed block on top, as the MX side would store it.  The synthetic mix is a
 seeded list of text messages with a chosen size distribution, for size
 sweeps and for mailboxes too large to build from the corpus.
 
@@ -91,7 +91,7 @@ def synthetic_messages(count: int, *, seed: int = 1, min_size: int = 512,
 
 @dataclass
 class MailboxTemplate:
-    """A Maildir built once, copied into place by hard links for each run."""
+    """Template Maildir, built once and copied into place by hard links for each run."""
 
     path: Path
     count: int

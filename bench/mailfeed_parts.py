@@ -1,4 +1,4 @@
-"""How the benchmarks run mailfeed's own programs, and whether they exist yet.
+"""Launchers for mailfeed's own programs in the benchmarks, and checks that they exist.
 
 mailfeed's parts are built in parallel, so each helper here first checks
 that the module it needs is importable from the checkout under test and

@@ -4,8 +4,8 @@
     python bench/profile.py fwd --messages 50
     python bench/profile.py fetch --tool py-spy
 
-``fetch`` drains a private Dovecot Maildir of real messages (through the
-delay proxy when ``--delay`` is set) with ``mailfeed fetch``; ``fwd`` pipes
+``fetch`` drains a private Dovecot Maildir of real messages with ``mailfeed
+fetch``, through the delay proxy when ``--delay`` is set.  ``fwd`` pipes
 messages one by one into ``mailfeed-fwd``.  The report (pyinstrument HTML or
 text, py-spy SVG flame graph) is written under bench/results/profile/.
 pyinstrument is an optional dependency: ``pip install pyinstrument`` (the
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)
     chown_tree(work)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ".svg" if args.tool == "py-spy" else (".txt" if args.text else ".html")
+    suffixes = {"py-spy": ".svg", "pyinstrument": ".txt" if args.text else ".html"}
+    suffix = suffixes[args.tool]
     # The profiled program runs as user mail, so it writes into the scratch folder first.
     scratch_report = work / f"{args.target}{suffix}"
     prefix = _profiler_prefix(args.tool, scratch_report, args.text)

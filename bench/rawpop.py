@@ -1,9 +1,9 @@
 """A minimal pipelining POP3 drain client that measures servers, not clients.
 
-It logs in with USER and PASS (RFC 1939 section 7) sent together, lists the
-mailbox with UIDL (section 7), then sends every RETR (and DELE unless
-``keep``) followed by QUIT in one pipelined stream (RFC 2449 section 6.6
-PIPELINING) while a concurrent reader consumes the replies.  It stores
+It logs in with USER and PASS (RFC 1939 section 7) sent together and lists
+the mailbox with UIDL (section 7).  Then it sends every RETR (and DELE unless
+``keep``) and QUIT in one pipelined stream (RFC 2449 section 6.6
+PIPELINING), while a concurrent reader consumes the replies.  It stores
 nothing: a message body is read and dropped, so the time is the server's and
 the link's.
 """

@@ -1,7 +1,7 @@
 """SMTP load for the benchmarks: many small transactions, or one large message.
 
 The harness's own memory is not measured, so the standard library client
-(smtplib) is good enough here: it holds a whole message in memory.
+(smtplib) is good enough here, although it keeps a whole message in memory.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 It proves that bench/run.py still runs end to end and writes a results JSON
 with the expected keys and a Markdown report with a table per scenario.  It
-says nothing about speed.
+checks nothing about speed.
 """
 
 from __future__ import annotations
