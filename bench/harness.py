@@ -158,10 +158,13 @@ class Scenario:
 
 def interleave(subjects: Sequence[Subject], repetitions: int,
                run_once: Callable[[Subject], dict[str, float]],
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], *, retries: int = 1) -> None:
     """Run every runnable subject ``repetitions`` times, rotating the order each time.
 
-    A subject whose run raises NotRun or fails keeps that status and is not
+    A run that fails is retried up to ``retries`` times, and each failure is
+    kept in the subject's notes, because one peer (getmail6 6.18) sometimes
+    loses the exit of its delivery child and gives up.  A subject whose run
+    raises NotRun, or fails on every attempt, keeps that status and is not
     run again.
     """
     for repetition in range(repetitions):
@@ -170,16 +173,21 @@ def interleave(subjects: Sequence[Subject], repetitions: int,
         for subject in order:
             if subject.status != "ok":
                 continue
-            try:
-                metrics = run_once(subject)
-            except NotRun as exc:
-                subject.status = f"not run: {exc}"
-                log(f"  {subject.name}: {subject.status}")
-                continue
-            except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
-                subject.status = f"failed: {exc}"
-                log(f"  {subject.name}: {subject.status}")
-                continue
-            subject.runs.append(metrics)
-            shown = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
-            log(f"  rep {repetition + 1} {subject.name}: {shown}")
+            for attempt in range(retries + 1):
+                try:
+                    metrics = run_once(subject)
+                except NotRun as exc:
+                    subject.status = f"not run: {exc}"
+                    log(f"  {subject.name}: {subject.status}")
+                    break
+                except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+                    note = f"repetition {repetition + 1}, attempt {attempt + 1} failed: {exc}"
+                    subject.notes.append(note)
+                    log(f"  {subject.name}: {note}")
+                    if attempt == retries:
+                        subject.status = f"failed: {exc}"
+                    continue
+                subject.runs.append(metrics)
+                shown = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items())
+                log(f"  rep {repetition + 1} {subject.name}: {shown}")
+                break

@@ -86,6 +86,12 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _one_line(text: str, limit: int = 400) -> str:
+    """Return ``text`` on one line, shortened to ``limit`` characters, safe in a table."""
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
 def _verdict(met: bool | None) -> str:
     if met is None:
         return "not judged"
@@ -98,7 +104,7 @@ def _scenario_markdown(scenario: dict[str, Any]) -> list[str]:
     if params:
         lines += [f"Parameters: {params}.  Scenario run time: {scenario['elapsed']:.0f} s.", ""]
     if scenario["status"] != "ok":
-        lines += [f"**{scenario['status']}**", ""]
+        lines += [f"**{_one_line(scenario['status'])}**", ""]
     columns = scenario["columns"]
     ratios = scenario["mailfeed_ratio"]
     heading = ["subject", "version", "status", *[title for _key, title in columns]]
@@ -111,7 +117,7 @@ def _scenario_markdown(scenario: dict[str, Any]) -> list[str]:
         status = subject["status"]
         if status == "ok":
             status = f"ok, median of {len(subject['runs'])}"
-        cells = [subject["name"], subject["version"] or "–", status.replace("|", "/")]
+        cells = [subject["name"], subject["version"] or "–", _one_line(status, 200)]
         cells += [_format(median.get(key)) for key, _title in columns]
         if ratios:
             cells.append(_format(ratios.get(subject["name"])))
@@ -131,12 +137,37 @@ def _scenario_markdown(scenario: dict[str, Any]) -> list[str]:
         lines.append("")
     for subject in scenario["subjects"]:
         for note in subject["notes"]:
-            lines.append(f"- {subject['name']}: {note}")
+            lines.append(f"- {subject['name']}: {_one_line(note)}")
     for note in scenario["notes"]:
-        lines.append(f"- {note}")
+        lines.append(f"- {_one_line(note, 1000)}")
     if lines[-1] != "":
         lines.append("")
     return lines
+
+
+METHOD = """\
+## Method
+
+- Rerun: `make bench` (or `python bench/run.py`, as root so that every client
+  runs as user `mail`).  `--only SCENARIO` runs one scenario, `--smoke` runs
+  tiny sizes in seconds, and `--help` lists the size options.  Results go to
+  `bench/results/*.json`; `python bench/run.py --report FILE` re-renders this
+  page from one of them.  `python bench/profile.py fetch` profiles mailfeed
+  fetch on the same workload with pyinstrument or py-spy.
+- Repetitions are interleaved: each repetition runs every subject once, in an
+  order rotated by one place per repetition.  Tables show medians.
+- Slow link: `bench/delayproxy.py` relays each TCP connection on 127.0.0.1 and
+  delays every chunk by the set time in each direction, keeping order and
+  adding no bandwidth limit.  A client flight is a maximal run of
+  client-to-server chunks with no server-to-client data delivered to the
+  client in between.  A client that tops up a window of pipelined commands as
+  replies arrive counts one flight per top-up, so read flights together with
+  the time.
+- Peak RSS is the VmHWM of the process in /proc, polled every 5 ms, because
+  `ru_maxrss` of a child forked from the harness includes the harness itself.
+- fsync counts come from `strace -f` over each client and the programs it
+  starts (fetchmail's MDA safecat included).
+"""
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -178,4 +209,5 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     for scenario in results["scenarios"]:
         lines += _scenario_markdown(scenario)
+    lines += METHOD.splitlines()
     return "\n".join(lines).rstrip() + "\n"
