@@ -220,7 +220,10 @@ def getmail_setup(root: Path, program: str, port: int, user: str, password: str)
         "server = 127.0.0.1\n"
         f"port = {port}\n"
         f"username = {user}\n"
-        f"password = {password}\n\n"
+        f"password = {password}\n"
+        # getmail6 6.18 also waits this long for a delivery child whose exit it
+        # sometimes misses; 20 s instead of 180 s bounds that stall.
+        "timeout = 20\n\n"
         "[destination]\n"
         "type = Maildir\n"
         f"path = {maildir}/\n\n"
