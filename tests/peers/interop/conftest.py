@@ -129,16 +129,15 @@ class MailfeedMx:
         return "\n".join(text[-lines:])
 
 
-def site_domain(name: str) -> str:
-    """The domain of a site.
+# The site-role Postfix delivers t001.site.test to t200.site.test and hands
+# them out from t001 upwards; the mailfeed mx pool takes them from the top.
+SITE_POSTFIX_POOL_TOP = 200
 
-    Pool site ``iNN`` gets ``t1NN.site.test``: a domain that the site-role
-    Postfix delivers (its map lists t001 to t199) and that its new_domain
-    never hands out.
-    """
-    if re.fullmatch(r"[id]\d\d", name):
-        offset = 100 if name[0] == "i" else 150
-        return f"t{offset + int(name[1:]):03d}.site.test"
+
+def site_domain(name: str) -> str:
+    """The domain of a site: pool site ``iNN`` gets a domain the site-role Postfix delivers."""
+    if re.fullmatch(r"i\d\d", name):
+        return f"t{SITE_POSTFIX_POOL_TOP + 1 - int(name[1:]):03d}.site.test"
     return f"{name}.interop.test"
 
 

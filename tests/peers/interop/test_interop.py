@@ -677,7 +677,10 @@ def test_site_pair(target: str, interop: Interop, corpus: Corpus, work: Path,
             delivery = f"sendmail:{postfix.sendmail}"
 
         def mailbox_of(rcpt: str) -> list[Path]:
-            return postfix.wait_for_messages(rcpt)
+            # All recipients of a domain share one Maildir; Delivered-To tells them apart.
+            total = len(case.multi_rcpts) + len(case.bounce_rcpts)
+            files = postfix.wait_for_messages(rcpt, total)
+            return [path for path in files if delivered_to(path) == rcpt.lower()]
     elif target == "LMTP to Dovecot":
         dovecot: SiteDovecot = request.getfixturevalue("dovecot_site")
         delivery = f"lmtp://127.0.0.1:{dovecot.instance.lmtp_port}"
@@ -716,6 +719,15 @@ def test_site_pair(target: str, interop: Interop, corpus: Corpus, work: Path,
             for name in ("delivered-to", "x-original-to"):
                 if name in fields:
                     assert fields[name].lower() == rcpt.lower()
+
+
+def delivered_to(path: Path) -> str | None:
+    """The first Delivered-To address of a message file, in lower case."""
+    fields, _rest = header_fields(path.read_bytes())
+    for raw in fields:
+        if field_name(raw) == "delivered-to":
+            return field_value(raw).lower()
+    return None
 
 
 class _NoLog:
