@@ -1,8 +1,8 @@
 """Fixtures of the interop matrix: result recording, mailfeed mx, a spool Dovecot.
 
 Every test here takes the ``interop`` fixture and names its pair with
-``interop.pair(section, row, column)``; the outcome of the test's call phase
-is written as a JSON record when the test ends (see
+``interop.pair(section, row, column)``.  When the test ends, the fixture
+writes the outcome of its setup and call phases as a JSON record (see
 :mod:`tests.peers.interop.matrix`).
 """
 

@@ -568,13 +568,15 @@ def check_spooled(stored: list[bytes], case: SpoolCase, mta_marker: bytes,
     block, message = by_sender[SENDER]
     assert block.envelope.recipients == tuple(case.multi_rcpts)
     received, rest = split_field(message)
-    assert field_name(received) == "received" and mta_marker in received, received
+    assert field_name(received) == "received", received
+    assert mta_marker in received, received
     assert normalise(rest) == expected(case.multi)
 
     block, message = by_sender[""]
     assert block.envelope.recipients == tuple(case.bounce_rcpts)
     received, rest = split_field(message)
-    assert field_name(received) == "received" and mta_marker in received, received
+    assert field_name(received) == "received", received
+    assert mta_marker in received, received
     assert normalise(rest) == expected(case.bounce)
 
 
@@ -677,7 +679,7 @@ def test_site_pair(target: str, interop: Interop, corpus: Corpus, work: Path,
             delivery = f"sendmail:{postfix.sendmail}"
 
         def mailbox_of(rcpt: str) -> list[Path]:
-            # All recipients of a domain share one Maildir; Delivered-To tells them apart.
+            # All recipients of a domain share one Maildir, so Delivered-To identifies each copy.
             total = len(case.multi_rcpts) + len(case.bounce_rcpts)
             files = postfix.wait_for_messages(rcpt, total)
             return [path for path in files if delivered_to(path) == rcpt.lower()]
