@@ -53,7 +53,7 @@ pytestmark = pytest.mark.peer
 
 SENDER = "alice@example.net"
 LINE_END = re.compile(rb"\r\n|\r|\n")
-CLIENT_TIMEOUT = 120
+CLIENT_TIMEOUT = 60
 DELIVERY_TIMEOUT = 60.0
 # The largest corpus message the POP3 tests use, to keep them quick.
 MAX_POP3_MESSAGE = 200_000
@@ -231,8 +231,13 @@ def dovecot_mailbox(dovecot: SpoolDovecot, corpus: Corpus) -> Mailbox:
 
 def run_as_user(argv: list[str], home: Path) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C"}
-    return subprocess.run(as_run_user(argv), capture_output=True, env=env,
-                          timeout=CLIENT_TIMEOUT, check=False)
+    try:
+        return subprocess.run(as_run_user(argv), capture_output=True, env=env,
+                              timeout=CLIENT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"") + (exc.stderr or b"")
+        raise AssertionError(f"{argv[0]} timed out after {CLIENT_TIMEOUT} s; its output:\n"
+                             f"{output.decode(errors='replace')}") from None
 
 
 def write_private(path: Path, text: str) -> Path:
@@ -461,10 +466,21 @@ def test_pop3_pair(server: str, client: str, interop: Interop, corpus: Corpus, w
                    request: pytest.FixtureRequest) -> None:
     interop.pair("pop3", server, client)
     if server == "mailfeed mx":
-        box = mx_mailbox(request.getfixturevalue("mailfeed_mx"), corpus)
+        mx: MailfeedMx = request.getfixturevalue("mailfeed_mx")
+        box = mx_mailbox(mx, corpus)
+        server_log = mx.log_tail
     else:
-        box = dovecot_mailbox(request.getfixturevalue("interop_dovecot"), corpus)
+        dovecot: SpoolDovecot = request.getfixturevalue("interop_dovecot")
+        box = dovecot_mailbox(dovecot, corpus)
+        server_log = dovecot.instance.log_tail
+    try:
+        drain_and_compare(client, box, work, interop)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- {server} log ---\n{server_log()}") from None
 
+
+def drain_and_compare(client: str, box: Mailbox, work: Path, interop: Interop) -> None:
+    """Let ``client`` drain ``box``; check what it delivered and that the mailbox is empty."""
     if client == "mailfeed fetch":
         domain = box.envelopes[0].recipients[0].rpartition("@")[2]
         run_fetch(fetch_config(work, box, f"maildir:{work / 'mail'}", domain))
