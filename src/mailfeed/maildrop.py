@@ -1,9 +1,9 @@
 """A site's spool as a POP3 maildrop (RFC 1939 section 3): no sockets here.
 
-The POP3 server opens the spool of the site a user logs in to, locks it for
-the session, lists the messages with their exact sizes and unique-ids, streams
-each message in its wire form, and removes the deleted ones in the UPDATE
-state.  Two spool formats are read:
+The POP3 server opens the spool of the site a user logs in to and locks it
+for the session.  This module lists the messages with their exact sizes and
+unique-ids, streams each message in its wire form, and removes the deleted
+ones when the server enters the UPDATE state.  Two spool formats are read:
 
 Maildir
     Files in ``new/`` and ``cur/`` named
@@ -369,7 +369,7 @@ class Maildrop(ABC):
     def lock(self) -> None:
         """Lock the maildrop for this session and list its messages.
 
-        Raise :class:`MaildropInUse` if another session holds it, or
+        Raise :class:`MaildropInUse` if another session has it locked, or
         :class:`MaildropError` if the spool cannot be read.
         """
         self._session_lock.acquire()

@@ -36,11 +36,15 @@ import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, config_path
 from mailfeed.errors import ConfigError, MailfeedError
 from mailfeed.mxconfig import MxConfig, load_mx_config
+
+if TYPE_CHECKING:
+    from mailfeed.passwd import PasswdFile
+    from mailfeed.pop3server import Pop3Server, Pop3Settings
 
 __all__ = ["MxDaemon", "add_arguments", "make_tls_context", "run"]
 
@@ -126,15 +130,16 @@ class MxDaemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.write_ready(None)
         log.info(
             "mailfeed mx started (pid %d): %d sites; smtp %s; pop3 %s; pop3s %s",
             os.getpid(), len(self.config.spool.sites), _show(self.bound.get("smtp")),
             _show(self.bound.get("pop3")), _show(self.bound.get("pop3s")),
         )
-        self.write_ready(None)
         await self.stopping.wait()
 
         grace = self.config.limits.shutdown_grace
+        self.smtp.stop_accepting()
         log.info("stopping: no new connections; waiting up to %.0f s for sessions", grace)
         await asyncio.gather(self.smtp.shutdown(grace), self.pop3.shutdown(grace))
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -155,9 +160,11 @@ class MxDaemon:
             tls_context = make_tls_context(config)
             self.pop3.check(config)
         except (MailfeedError, OSError) as exc:
-            log.error("reload failed, keeping the previous configuration: %s", exc)
+            # Write the ready file before logging, so that a test waiting for
+            # the log line reads the new generation.
             self.generation += 1
             self.write_ready(str(exc))
+            log.error("reload failed, keeping the previous configuration: %s", exc)
             return
         for name in ("smtp_listen", "pop3_listen", "pop3s_listen"):
             if getattr(config, name) != getattr(self.config, name):
@@ -167,8 +174,8 @@ class MxDaemon:
         self.smtp.reload(config, tls_context)
         self.pop3.reload(config, tls_context)
         self.generation += 1
-        log.info("configuration reloaded: %d sites", len(config.spool.sites))
         self.write_ready(None)
+        log.info("configuration reloaded: %d sites", len(config.spool.sites))
 
     def write_ready(self, reload_error: str | None) -> None:
         if self.ready_file is None:
@@ -188,29 +195,95 @@ class MxDaemon:
 
 
 class Pop3Listeners:
-    """The POP3 listeners: plain (with STLS when TLS is set) and implicit TLS."""
+    """The POP3 listeners: plain (with STLS when TLS is set) and implicit TLS.
+
+    Each passwd-file user logs in to the site of the same name.
+    """
 
     def __init__(self, config: MxConfig, tls_context: ssl.SSLContext | None) -> None:
         self.config = config
         self.tls_context = tls_context
+        self.server: Pop3Server | None = None
 
-    def enabled(self, config: MxConfig) -> bool:
+    @staticmethod
+    def enabled(config: MxConfig) -> bool:
         return bool(config.pop3_listen or config.pop3s_listen)
 
+    @staticmethod
+    def settings(config: MxConfig) -> Pop3Settings:
+        from mailfeed.pop3server import Pop3Settings
+
+        limits = config.limits
+        try:
+            return Pop3Settings(
+                hostname=config.hostname,
+                allow_plaintext=config.allow_plaintext_auth,
+                max_connections=limits.max_connections,
+                max_connections_per_address=limits.max_connections_per_address,
+                idle_timeout=limits.pop3_timeout,
+                max_bad_commands=limits.max_bad_commands,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{config.source}: [mx]: {exc}") from None
+
+    @staticmethod
+    def load_passwd(config: MxConfig) -> PasswdFile:
+        from mailfeed.passwd import PasswdFile
+
+        passwd = PasswdFile.load(config.passwd_file)
+        for user in config.spool.sites:
+            if user not in passwd:
+                log.warning(
+                    "site %s has no user in %s, so its mail cannot be fetched over POP3; "
+                    "add one with mailfeed site add or by hand",
+                    user, config.passwd_file,
+                )
+        return passwd
+
     def check(self, config: MxConfig) -> None:
-        """Raise ConfigError if the credentials of ``config`` cannot be loaded."""
+        """Raise ConfigError if the POP3 settings or credentials of ``config`` are invalid."""
+        if self.enabled(config):
+            self.settings(config)
+            self.load_passwd(config)
 
     async def start(self) -> dict[str, list[tuple[str, int]]]:
+        """Listen on every POP3 address; return the bound addresses by kind."""
         if not self.enabled(self.config):
             return {}
-        raise ConfigError("POP3 is not available yet: set pop3_listen = [] in [mx]")
+        from mailfeed.pop3server import Pop3Server
+
+        sites = self.config.spool.sites
+        self.server = Pop3Server(
+            self.settings(self.config), self.load_passwd(self.config), sites.get
+        )
+        bound: dict[str, list[tuple[str, int]]] = {"pop3": [], "pop3s": []}
+        for kind, addresses in (("pop3", self.config.pop3_listen),
+                                ("pop3s", self.config.pop3s_listen)):
+            for address in addresses:
+                listener = await self.server.start(
+                    address.host,
+                    address.port,
+                    ssl_context=self.tls_context,
+                    implicit_tls=kind == "pop3s",
+                )
+                for sock in listener.sockets:
+                    name = sock.getsockname()
+                    bound[kind].append((str(name[0]), int(name[1])))
+        return bound
 
     def reload(self, config: MxConfig, tls_context: ssl.SSLContext | None) -> None:
+        """Use the new credentials and sites; TLS changes need a restart here."""
         self.config = config
-        self.tls_context = tls_context
+        if self.server is not None:
+            # check() loaded this file moments ago; load it again for the
+            # server so that a file replaced in between is read whole.
+            self.server.reload(self.load_passwd(config), config.spool.sites.get)
+        if tls_context is not self.tls_context and self.server is not None:
+            log.warning("POP3 listeners keep their TLS certificate until restart")
 
     async def shutdown(self, grace: float) -> None:
-        return None
+        if self.server is not None:
+            await self.server.close(graceful=True, timeout=grace)
 
 
 def _show(pairs: list[tuple[str, int]] | None) -> str:

@@ -16,8 +16,9 @@ The daemon reads the same TOML file as ``mailfeed-fwd`` (``spool_root``,
     max_connections = 100                 # per protocol, all clients together
     max_connections_per_address = 10      # per protocol and client IP address
     smtp_timeout = 300                    # seconds without data from an SMTP client
-    pop3_timeout = 600                    # seconds without a command from a POP3 client
+    pop3_timeout = 600                    # seconds idle after POP3 login (at least 600)
     max_errors = 20                       # 4xx/5xx SMTP replies before 421 and close
+    max_bad_commands = 10                 # failed POP3 commands before the session ends
     max_line_length = 1048576             # octets of one SMTP line, CRLF included
     min_free_space = 104857600            # octets free on a spool filesystem, else 452
     storage_threads = 4                   # threads that write spools
@@ -26,10 +27,11 @@ The daemon reads the same TOML file as ``mailfeed-fwd`` (``spool_root``,
 ``[limits].max_message_size`` becomes the SMTP SIZE limit and
 ``[limits].max_recipients`` the RCPT limit of one transaction.
 
-Invariants: every domain and every address belongs to at most one site (a
-second claim is a :class:`ConfigError` naming both sites); domains are stored
-as lower-case A-labels (IDNA), addresses lower-case; exact address entries take
-precedence over domain entries.  Errors name the file, the key and the value.
+Invariants: every domain and every address belongs to at most one site, and a
+second claim is a :class:`ConfigError` naming both sites.  Domains are stored
+as lower-case A-labels (IDNA) and addresses in lower case.  Exact address
+entries take precedence over domain entries.  Errors name the file, the key
+and the value.
 """
 
 from __future__ import annotations
@@ -93,12 +95,14 @@ class MxLimits:
     # Seconds without any data from an SMTP client (RFC 5321 section 4.5.3.2
     # suggests at least 5 minutes for commands).
     smtp_timeout: float = 300.0
-    # Seconds without a command from a POP3 client (RFC 1939 section 3: at
-    # least 10 minutes).
+    # Seconds a logged-in POP3 client may stay idle (RFC 1939 section 3
+    # requires at least 10 minutes).
     pop3_timeout: float = 600.0
     max_errors: int = 20
-    # RFC 5321 section 4.5.3.1.6 sets 1000 octets, but section 4.5.3.1 asks
-    # servers to avoid such limits, and real mail has longer lines.
+    # POP3 commands that fail before the session is closed.
+    max_bad_commands: int = 10
+    # RFC 5321 section 4.5.3.1.6 sets 1000 octets, but section 4.5.3.1 tells
+    # implementations to avoid such limits, and real mail has longer lines.
     max_line_length: int = 1024 * 1024
     min_free_space: int = 100 * 1024 * 1024
     storage_threads: int = 4
@@ -107,7 +111,7 @@ class MxLimits:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which site receives mail for a recipient address.
+    """The map from recipient addresses to sites.
 
     ``addresses`` maps a lower-case address to its site and wins over
     ``domains``, which maps a lower-case A-label domain to its site.
@@ -234,8 +238,9 @@ def _parse_limits(mx: Section) -> MxLimits:
             "max_connections_per_address", defaults.max_connections_per_address, minimum=1
         ),
         smtp_timeout=mx.get_float("smtp_timeout", defaults.smtp_timeout, minimum=1.0),
-        pop3_timeout=mx.get_float("pop3_timeout", defaults.pop3_timeout, minimum=1.0),
+        pop3_timeout=mx.get_float("pop3_timeout", defaults.pop3_timeout, minimum=600.0),
         max_errors=mx.get_int("max_errors", defaults.max_errors, minimum=1),
+        max_bad_commands=mx.get_int("max_bad_commands", defaults.max_bad_commands, minimum=1),
         max_line_length=mx.get_int(
             "max_line_length", defaults.max_line_length, minimum=1001
         ),

@@ -7,9 +7,10 @@ maildrop (see :mod:`mailfeed.maildrop`).
 
 Implemented:
 
-* RFC 1939: USER, PASS, APOP, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP,
-  UIDL; the AUTHORIZATION, TRANSACTION and UPDATE states (section 3), with a
-  table of the commands each state allows; the autologout timer (section 3).
+* RFC 1939: USER, PASS, APOP, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP
+  and UIDL.  The AUTHORIZATION, TRANSACTION and UPDATE states (section 3)
+  come with a table of the commands each state allows, and the autologout
+  timer (section 3) is enforced.
 * RFC 2449: CAPA with TOP, USER, UIDL, PIPELINING, RESP-CODES, SASL, EXPIRE
   NEVER and IMPLEMENTATION; the 255-octet command limit (section 4); the
   IN-USE response code.  RFC 3206: AUTH-RESP-CODE, [AUTH] and [SYS/...].
@@ -170,7 +171,7 @@ class State(enum.Enum):
     UPDATE = "UPDATE"
 
 
-# Which commands each state accepts; anything else is ERR_WRONG_STATE.
+# Commands allowed in each state. Any other known command gets ERR_WRONG_STATE.
 ALLOWED_COMMANDS: dict[State, frozenset[str]] = {
     State.AUTHORIZATION: frozenset({USER, PASS, APOP, AUTH, STLS, CAPA, QUIT}),
     State.TRANSACTION: frozenset(
@@ -424,6 +425,14 @@ class _Connection(asyncio.Protocol):
     # -- input
 
     def _take_line(self, limit: int) -> bytes | _Overlong | None:
+        line = self._split_line(limit)
+        if self._reading_paused and len(self._in) - self._pos < self._settings.max_input_buffer:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._reading_paused = False
+        return line
+
+    def _split_line(self, limit: int) -> bytes | _Overlong | None:
         end = self._in.find(b"\n", self._pos)
         if end < 0:
             if len(self._in) - self._pos > limit:
@@ -437,10 +446,6 @@ class _Connection(asyncio.Protocol):
         if self._pos >= len(self._in):
             del self._in[:]
             self._pos = 0
-        if self._reading_paused and len(self._in) - self._pos < self._settings.max_input_buffer:
-            assert self.transport is not None
-            self.transport.resume_reading()
-            self._reading_paused = False
         if self._discarding:
             self._discarding = False
             return OVERLONG
@@ -839,8 +844,8 @@ class Pop3Session:
         except (ScramError, UnicodeError):
             await self._finish_auth(user, False, "AUTH SCRAM-SHA-256")
             return
-        # RFC 5034 has no success-with-data: the server-final-message is a
-        # last challenge, answered by an empty line.
+        # RFC 5034 has no success-with-data, so the server-final-message goes
+        # out as a last challenge and the client sends an empty line.
         self.conn.reply(SASL_CONTINUE.format(challenge=_b64(server_final)))
         last = await self._read_sasl_line()
         if last is None:

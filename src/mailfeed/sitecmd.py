@@ -1,9 +1,10 @@
 """``mailfeed site add`` and ``mailfeed site list``: manage the MX host's sites.
 
-``site add NAME`` checks everything before it writes anything: the name (one
-safe path component), that no site of that name exists, that no other site
-claims its domains or addresses (by parsing the whole configuration with the
-new table added), and that the passwd-file has no user of that name.  Then it
+``site add NAME`` checks everything before it writes anything.  The name must
+be one safe path component and no site of that name may exist.  No other site
+may claim its domains or addresses, which is checked by parsing the whole
+configuration with the new table added.  The passwd-file must have no user of
+that name.  Then it
 
 1. creates the spool (a Maildir with mode 0700, or the folder of an mbox);
 2. appends ``NAME:{ARGON2ID}...`` to the passwd-file, created with mode 0600;
@@ -36,13 +37,16 @@ DEFAULT_SCHEME = "ARGON2ID"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--config",
         help=f"MX configuration file (default: ${CONFIG_ENV} or {DEFAULT_MX_CONFIG})",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    add = actions.add_parser("add", help="create a site: spool, configuration, credential")
+    add = actions.add_parser(
+        "add", parents=[common], help="create a site: spool, configuration, credential"
+    )
     add.add_argument("name", metavar="NAME", help="site name, also its POP3 user name")
     add.add_argument(
         "--domain", action="append", default=[], help="a domain whose mail goes to the site"
@@ -63,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheme", default=DEFAULT_SCHEME, help=f"password hash scheme (default {DEFAULT_SCHEME})"
     )
 
-    actions.add_parser("list", help="list the configured sites")
+    actions.add_parser("list", parents=[common], help="list the configured sites")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,8 +10,8 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
   source routes (``<@relay:user@example.org>``), local parts with ``%``,
   ``!`` or a quoted ``@`` (the site's MTA could route on them, so accepting
   them could turn the site into a relay), addresses without a domain (so
-  even ``<postmaster>`` is rejected: no site holds a postmaster mailbox for
-  the MX host itself), address literals and domains with a trailing dot.
+  even ``<postmaster>`` is rejected, because no site has a postmaster
+  mailbox for the MX host itself), address literals and domains with a trailing dot.
 * Message data with a bare CR or a bare LF is rejected with ``550 5.6.0``
   (RFC 5321 section 2.3.8 allows CR and LF only together).  aiosmtpd ends
   DATA only at ``<CRLF>.<CRLF>``, so ``<LF>.<LF>`` and ``<LF>.<CRLF>`` never
@@ -29,9 +29,12 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
 * Less than ``min_free_space`` octets free on the spool filesystem (plus the
   announced SIZE) is answered ``452 4.3.1`` at MAIL and at RCPT, before DATA.
 
-Invariants: nothing is written before the final ``.`` of DATA; a site's copy
-holds only that site's recipients; the reply to DATA is sent after storage
-ends, never before.
+Invariants: nothing is written before the final ``.`` of DATA.  A site's copy
+contains only that site's recipients.  The reply to DATA is sent after
+storage ends, never before.
+
+NOTE: aiosmtpd 1.4 keeps the whole message data in memory until the final
+``.``, so peak memory grows with max_connections times max_message_size.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def check_recipient(routing: Routing, address: str, raw_argument: str) -> SiteCo
     """Return the site for an RCPT address, or None to deny relaying.
 
     ``raw_argument`` is the text after ``RCPT TO:`` as the client sent it,
-    because aiosmtpd's parser drops a source route before the hook sees it.
+    because aiosmtpd's parser drops a source route before calling the hook.
     """
     if raw_argument.lstrip().startswith("<@"):
         return None
@@ -279,8 +282,8 @@ class MxHandler:
         session.host_name = hostname
         # The MX accepts no authentication: never advertise AUTH.
         lines = [line for line in responses if not line[4:].upper().startswith("AUTH")]
-        # aiosmtpd reads and answers commands strictly in order, which is all
-        # RFC 2920 asks of a server, but it does not announce it.
+        # aiosmtpd processes commands strictly in order, which is what RFC 2920
+        # requires of a server, but its EHLO reply omits the keyword.
         lines.insert(len(lines) - 1, "250-PIPELINING")
         return lines
 
@@ -306,7 +309,7 @@ class MxHandler:
                 declared = int(option[5:])
         if not self.server.has_space(self.server.spool.spool_root, declared):
             log.warning(
-                "session=%s peer=%s spool %s is below min_free_space; answering 452",
+                "session=%s peer=%s spool %s is below min_free_space; replying 452",
                 smtp.session_id, smtp.peer, self.server.spool.spool_root,
             )
             return ERR_NO_SPACE
@@ -340,7 +343,7 @@ class MxHandler:
             return ERR_NEEDS_SMTPUTF8
         if not self.server.has_space(site.path, smtp.declared_size):
             log.warning(
-                "session=%s peer=%s site=%s spool %s is below min_free_space; answering 452",
+                "session=%s peer=%s site=%s spool %s is below min_free_space; replying 452",
                 smtp.session_id, smtp.peer, site.name, site.path,
             )
             return ERR_NO_SPACE
@@ -379,6 +382,9 @@ class MxHandler:
             date=self.server.clock(),
         )
         groups = group_by_site(envelope.routes)
+        # The idle timeout must not close the session while storage runs: the
+        # client would then resend a message that may be stored.
+        smtp.pause_timeout()
         try:
             copies = await self.server.run_storage(
                 self.server.store_copies, groups, sender, content, received
@@ -393,10 +399,12 @@ class MxHandler:
                 )
             else:
                 log.error(
-                    "session=%s peer=%s queue_id=%s site=%s storage failed: %s; answering 451",
+                    "session=%s peer=%s queue_id=%s site=%s storage failed: %s; replying 451",
                     smtp.session_id, smtp.peer, queue_id, exc.site, exc.cause,
                 )
             return ERR_STORAGE
+        finally:
+            smtp.resume_timeout()
         for copy in copies:
             log.info(
                 "session=%s peer=%s queue_id=%s site=%s stored=%s sender=<%s> recipients=%d "
@@ -456,6 +464,11 @@ class MxSMTP(SMTP):
         log.info("session=%s peer=%s disconnected", self.session_id, self.peer)
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        if self.rejected:
+            return False
+        return super().eof_received()
+
     def data_received(self, data: bytes) -> None:
         if self.rejected:
             return
@@ -501,15 +514,30 @@ class MxSMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def pause_timeout(self) -> None:
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+
+    def resume_timeout(self) -> None:
+        if self.transport is not None:
+            self._reset_timeout()
+
     def begin_drain(self) -> None:
         """Close now if idle, else after the transaction in progress ends."""
         self.draining = True
-        if self.is_idle() and self.transport is not None and not self.closing:
-            self.closing = True
-            assert isinstance(self.transport, asyncio.WriteTransport)
-            text = ERR_SHUTTING_DOWN.format(hostname=self.owner.config.hostname)
-            self.transport.write(text.encode("ascii") + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if not self.is_idle() or transport is None or self.closing:
+            return
+        self.closing = True
+        if transport.is_closing():
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        text = ERR_SHUTTING_DOWN.format(hostname=self.owner.config.hostname)
+        # A TLS transport whose SSL protocol already ended raises
+        # AttributeError on write (Python 3.11 asyncio.sslproto).
+        with contextlib.suppress(AttributeError, ConnectionError, RuntimeError):
+            transport.write(text.encode("ascii") + b"\r\n")
+        transport.close()
 
     def abort(self) -> None:
         if isinstance(self.transport, asyncio.Transport):
@@ -583,7 +611,7 @@ class SmtpServer:
         try:
             return self.free_space_of(path) >= minimum + declared
         except OSError as exc:
-            log.error("cannot measure free space of %s: %s; answering 452", path, exc)
+            log.error("cannot measure free space of %s: %s; replying 452", path, exc)
             return False
 
     async def run_storage(self, func: Callable[..., Any], *args: Any) -> Any:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import re
 import smtplib
+import ssl
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from mailfeed import faults
 from mailfeed.envelope import parse_block
+from mailfeed.mx import make_tls_context
+from mailfeed.mxconfig import load_mx_config
 from tests.integration.smtp_support import (
     TWO_SITES,
     LoopServer,
@@ -21,7 +25,7 @@ from tests.integration.smtp_support import (
     tmp_files,
     write_config,
 )
-from tests.support import case_bytes
+from tests.support import case_bytes, need, run
 
 FIXED_DATE = datetime(2024, 1, 1, tzinfo=UTC)
 MESSAGE = (
@@ -420,3 +424,79 @@ def test_shutdown_lets_transaction_finish(tmp_path: Path) -> None:
     running.loop.call_soon_threadsafe(running.loop.stop)
     running.thread.join(timeout=10)
     assert len(stored_files(spool(tmp_path, "site1"))) == 1
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """Write a self-signed certificate for mx.example.net and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.example.net")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = folder / "cert.pem"
+    key_path = folder / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[LoopServer]:
+    cert, key = make_certificate(tmp_path)
+    extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\npop3s_listen = []\n'
+    config = load_mx_config(write_config(tmp_path, extra=extra))
+    running = LoopServer(config, tls_context=make_tls_context(config), **injected())
+    yield running
+    running.stop()
+
+
+def test_starttls_delivery_records_cipher(tls_server: LoopServer, tmp_path: Path) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", tls_server.port, local_hostname="client.example.net") as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        client.starttls(context=context)
+        client.sendmail("alice@example.net", ["bob@example.org"], MESSAGE)
+    data = stored_files(spool(tmp_path, "site1"))[0].read_bytes()
+    assert b"with ESMTPS id Q1\r\n" in data
+    assert re.search(rb"\t\(session S1; TLSv1\.[23] cipher \S+ \(\d+ bits\)\)\r\n", data)
+
+
+def test_swaks_delivery_over_starttls(tls_server: LoopServer, tmp_path: Path) -> None:
+    swaks = need("swaks")["swaks"]
+    # swaks ends the data with its own CRLF before the final dot.
+    body = "Subject: from swaks\r\n\r\nswaks body line"
+    result = run(
+        [swaks, "--server", f"127.0.0.1:{tls_server.port}", "--tls", "--helo",
+         "client.example.net", "--from", "alice@example.net", "--to",
+         "bob@example.org,carol@example.com", "--data", body],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    site1 = stored_files(spool(tmp_path, "site1"))
+    site2 = stored_files(spool(tmp_path, "site2"))
+    assert len(site1) == 1
+    assert len(site2) == 1
+    assert site1[0].read_bytes().endswith(b"+0000\r\n" + body.encode() + b"\r\n")
+    assert parse_block(site2[0].read_bytes()).envelope.recipients == ("carol@example.com",)

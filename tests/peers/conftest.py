@@ -33,8 +33,11 @@ from pathlib import Path
 import pytest
 
 from tests.peers.dovecot import SiteDovecot, SpoolDovecot
-from tests.peers.postfix import MxPostfix, PostfixInstance, SitePostfix
+from tests.peers.postfix import MxPostfix, PostfixInstance, SitePostfix, pool_site_names
 from tests.support import ROOT, RUN_USER, free_port, need, run_user_ids, script, shared_tmpdir
+
+# POP3 users whose spools tests fill by hand, without Postfix.
+HAND_FILLED_USERS = [f"hand{i}" for i in range(1, 6)]
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +76,8 @@ def postfix_site() -> Iterator[SitePostfix]:
 
 def _spool_dovecot(name: str, example: str, spool_root: Path) -> Iterator[SpoolDovecot]:
     need("dovecot", "doveadm", "openssl")
-    server = SpoolDovecot(name, example, spool_root)
+    users = [*pool_site_names(), *HAND_FILLED_USERS]
+    server = SpoolDovecot(name, example, spool_root, users)
     try:
         server.instance.start()
         yield server

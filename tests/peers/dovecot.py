@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,10 +247,12 @@ class SpoolDovecot:
 
     The role file is docs/examples/dovecot/spool-maildir.conf (or
     spool-mbox.conf) with the spool root, the state folder, the passwd-file
-    and the account replaced.  :meth:`add_user` adds a site's POP3 login.
+    and the account replaced.  Each of ``users`` (the MX pool's site names
+    and a few for hand-filled spools) has a login; :meth:`password` returns it.
     """
 
-    def __init__(self, name: str, example: str, spool_root: Path) -> None:
+    def __init__(self, name: str, example: str, spool_root: Path,
+                 users: Sequence[str]) -> None:
         from tests.peers.examples import example_text
 
         self.instance = DovecotInstance.create(name)
@@ -257,8 +260,13 @@ class SpoolDovecot:
         self.state_root = self.instance.root / "state-mail"
         self.state_root.mkdir()
         chown_tree(self.state_root)
+        # Every login is written before start: Dovecot may miss a passwd-file
+        # change made within the same second as the previous one.
+        self.passwords = {user: f"pw-{user}-{secrets.token_hex(6)}" for user in users}
         self.passwd = self.instance.root / "mailfeed-users"
-        self.passwd.write_text("")
+        self.passwd.write_text("".join(
+            f"{user}:{password_hash(password)}\n" for user, password in self.passwords.items()
+        ))
         self.passwd.chmod(0o644)
         self.instance.role_file.write_text(example_text(example, {
             "/var/spool/mailfeed": str(spool_root),
@@ -266,15 +274,15 @@ class SpoolDovecot:
             "/etc/dovecot/mailfeed-users": str(self.passwd),
             "uid=mailfeed gid=mailfeed": f"uid={RUN_USER} gid={RUN_USER}",
         }))
-        self.passwords: dict[str, str] = {}
 
-    def add_user(self, user: str, password: str | None = None) -> str:
-        """Add a POP3 login for ``user`` (a site name); return its password."""
-        password = password or f"pw-{user}-{secrets.token_hex(6)}"
-        with self.passwd.open("a") as fp:
-            fp.write(f"{user}:{password_hash(password)}\n")
-        self.passwords[user] = password
-        return password
+    def password(self, user: str) -> str:
+        """Return the POP3 password of ``user`` (a site name of the pool)."""
+        try:
+            return self.passwords[user]
+        except KeyError:
+            raise DovecotError(
+                f"no POP3 login for {user!r}: add it to the fixture's users"
+            ) from None
 
 
 class SiteDovecot:

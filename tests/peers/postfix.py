@@ -1,9 +1,9 @@
 """Private Postfix instances for tests: an MX role and a site role.
 
-Each instance has its own configuration directory, queue directory, data
-directory and maillog file under one temporary folder, listens only on
-127.0.0.1 and sends nothing off the machine: its default and relay transports
-are ``error:``, so a stray message bounces instead of leaving.
+Each instance keeps its configuration, queue, data directory and maillog
+under one temporary folder and listens only on 127.0.0.1.  Its default and
+relay transports are ``error:``, so a stray message bounces instead of
+leaving the machine.
 
 Postfix 3.7 (Debian) starts a private instance as root with ``postfix -c DIR
 start`` only when the default /etc/postfix/main.cf lists DIR in
@@ -143,8 +143,8 @@ def unregister_config_directory(config_dir: Path) -> None:
 # ---------------------------------------------------------------------------
 # master.cf
 
-# chroot is "n" everywhere: the queue lives in a temporary folder that holds
-# none of the files a chroot jail needs.
+# chroot is "n" everywhere because the queue is a temporary folder without
+# the files a chroot jail needs.
 MASTER_CF_BASE = """\
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
@@ -176,7 +176,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixInstance:
     """One private Postfix: its folders, its SMTP port and control helpers.
 
-    ``root`` holds ``etc/`` (main.cf, master.cf, lookup tables),
+    ``root`` contains ``etc/`` (main.cf, master.cf, lookup tables),
     ``queue/``, ``data/`` and ``maillog``.  Call :meth:`start` after
     writing the configuration and :meth:`destroy` at the end.
     """
@@ -289,7 +289,7 @@ class PostfixInstance:
         return path
 
     def postconf(self, name: str) -> str:
-        """Return the value of one parameter as this instance sees it."""
+        """Return the value of one parameter in this instance's configuration."""
         return self.run([POSTCONF, "-c", str(self.config_dir), "-h", name]).stdout.strip()
 
     # -- control ----------------------------------------------------------
@@ -435,6 +435,11 @@ class MxSite:
         return f"{local}@{self.domain}"
 
 
+def pool_site_names() -> list[str]:
+    """Names of the MX role's pool sites, which are also their POP3 users."""
+    return [f"s{i:02d}" for i in range(1, MxPostfix.POOL_SIZE + 1)]
+
+
 class MxPostfix:
     """The MX role: Postfix routing site domains to the mailfeed pipe service.
 
@@ -473,8 +478,8 @@ class MxPostfix:
             "user=mailfeed": f"user={run_user}",
         })
         self.transport = transport_entries()[0][1]
-        lines = [f"s{i:02d}.{self.DOMAIN_SUFFIX} {self.transport}:s{i:02d}"
-                 for i in range(1, self.POOL_SIZE + 1)]
+        lines = [f"{name}.{self.DOMAIN_SUFFIX} {self.transport}:{name}"
+                 for name in pool_site_names()]
         lines.append(f"{self.unknown_domain} {self.transport}:{self.UNKNOWN_SITE}")
         instance.write_main_cf({}, main_cf)
         instance.write_master_cf(master_cf)
@@ -493,7 +498,7 @@ class MxPostfix:
         self.used += 1
         if self.used > self.POOL_SIZE:
             raise PostfixError(f"all {self.POOL_SIZE} pool sites are in use: raise POOL_SIZE")
-        name = f"s{self.used:02d}"
+        name = pool_site_names()[self.used - 1]
         subs = {'spool_root = "/var/spool/mailfeed"': f'spool_root = "{self.spool_root}"',
                 **(substitutions or {})}
         template = example_toml(example, subs)["sites"]["site1"]
@@ -526,14 +531,16 @@ class MxPostfix:
 class SitePostfix:
     """The site role: Postfix receiving re-injected mail and delivering to Maildirs.
 
-    Every domain under ``site.test`` is a virtual mailbox domain, and
-    ``local@domain`` is delivered by virtual(8) to the Maildir
-    ``mail_root/domain/local/`` as the test user.  The re-injection listener
+    Every domain under ``site.test`` is a virtual mailbox domain.
+    :meth:`new_domain` hands out one of a fixed pool (virtual(8) allows no
+    regexp substitution in its mailbox maps), and all mail to ``*@domain``
+    is delivered to the Maildir ``mail_root/domain/`` as the test user.  The re-injection listener
     is docs/examples/postfix-site/master.cf on ``reinject_port``; the
     ordinary listener on ``instance.smtp_port`` applies the default checks.
     """
 
     DOMAIN_SUFFIX = "site.test"
+    POOL_SIZE = 200
 
     def __init__(self, instance: PostfixInstance, reinject_port: int, uid: int, gid: int) -> None:
         from tests.peers.examples import example_text
@@ -547,11 +554,11 @@ class SitePostfix:
         config_dir = instance.config_dir
         suffix = re.escape(self.DOMAIN_SUFFIX)
         instance.write_table("vdomains", f"/\\.{suffix}$/ OK\n", kind="regexp")
-        instance.write_table("vmailbox", f"/^([^@]+)@(.+\\.{suffix})$/ $2/$1/\n",
-                             kind="regexp")
+        instance.write_table("vmailbox", "".join(
+            f"@{domain} {domain}/\n" for domain in self.domain_pool()))
         instance.write_main_cf({
             "virtual_mailbox_domains": f"regexp:{config_dir / 'vdomains'}",
-            "virtual_mailbox_maps": f"regexp:{config_dir / 'vmailbox'}",
+            "virtual_mailbox_maps": f"hash:{config_dir / 'vmailbox'}",
             "virtual_mailbox_base": str(self.mail_root),
             "virtual_uid_maps": f"static:{uid}",
             "virtual_gid_maps": f"static:{gid}",
@@ -569,13 +576,19 @@ class SitePostfix:
         )
         self.sendmail.chmod(0o755)
 
+    def domain_pool(self) -> list[str]:
+        return [f"t{i:03d}.{self.DOMAIN_SUFFIX}" for i in range(1, self.POOL_SIZE + 1)]
+
     def new_domain(self) -> str:
+        """Return a domain no other test of this session uses."""
         self.domains_used += 1
-        return f"t{self.domains_used:03d}.{self.DOMAIN_SUFFIX}"
+        if self.domains_used > self.POOL_SIZE:
+            raise PostfixError(f"all {self.POOL_SIZE} site domains are in use: raise POOL_SIZE")
+        return self.domain_pool()[self.domains_used - 1]
 
     def maildir(self, address: str) -> Path:
-        local, _, domain = address.rpartition("@")
-        return self.mail_root / domain.lower() / local.lower()
+        """The Maildir of every address in ``address``'s domain."""
+        return self.mail_root / address.rpartition("@")[2].lower()
 
     def messages(self, address: str) -> list[Path]:
         new = self.maildir(address) / "new"

@@ -1,0 +1,265 @@
+"""``mailfeed mx`` and ``mailfeed site add`` as real processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import poplib
+import queue
+import signal
+import smtplib
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailfeed.envelope import parse_block
+from tests.integration.smtp_support import RawClient, stored_files, tmp_files
+from tests.support import ROOT, run, script
+
+PASSWORD = "pw-site1-example"
+MESSAGE = (
+    b"From: alice@example.net\r\nTo: bob@example.org\r\nSubject: over pop3\r\n\r\n"
+    b"body line\r\n.dot line\r\n\r\nlast\r\n"
+)
+CONFIG = """\
+spool_root = "{root}/spool"
+
+[mx]
+hostname = "mx.example.net"
+smtp_listen = ["127.0.0.1:0"]
+pop3_listen = ["127.0.0.1:0"]
+min_free_space = 0
+shutdown_grace = 20
+"""
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src")
+    env.pop("MAILFEED_FAULT", None)
+    env.update(extra)
+    return env
+
+
+def site_add(config: Path, name: str, domain: str) -> subprocess.CompletedProcess[bytes]:
+    argv = [script("mailfeed"), "site", "add", "--config", str(config), name,
+            "--domain", domain, "--password-stdin"]
+    result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
+    assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+class Daemon:
+    """A ``mailfeed mx`` process whose stderr lines are collected by a thread."""
+
+    def __init__(self, config: Path, **env: str) -> None:
+        self.ready_file = config.with_name("ready.json")
+        self.process = subprocess.Popen(
+            [script("mailfeed"), "mx", "--config", str(config), "--ready-file",
+             str(self.ready_file), "-v"],
+            stderr=subprocess.PIPE,
+            env=environment(**env),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.wait_for("mailfeed mx started")
+        self.ready = json.loads(self.ready_file.read_text())
+        self.smtp_port = self.ready["smtp"][0][1]
+        self.pop3_port = self.ready["pop3"][0][1] if self.ready.get("pop3") else None
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            self.lines.put(raw.decode("utf-8", "replace"))
+        self.lines.put("")
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        """Return the first new log line containing ``text``; fail at exit or timeout."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no log line with {text!r} within {timeout} s:\n{''.join(self.log)}")
+            if line == "":
+                pytest.fail(f"mailfeed mx exited before logging {text!r}:\n{''.join(self.log)}")
+            self.log.append(line)
+            if text in line:
+                return line
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        code = self.process.wait(timeout=30)
+        self.reader.join(timeout=10)
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return code
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Path:
+    config = tmp_path / "mx.toml"
+    config.write_text(CONFIG.format(root=tmp_path))
+    (tmp_path / "spool").mkdir()
+    return config
+
+
+@pytest.fixture
+def daemon_with_site(setup: Path) -> Iterator[tuple[Daemon, Path]]:
+    site_add(setup, "site1", "example.org")
+    daemon = Daemon(setup)
+    yield daemon, setup
+    daemon.stop()
+
+
+def test_site_add_then_pop3_retrieves_exact_bytes(setup: Path) -> None:
+    added = site_add(setup, "site1", "example.org")
+    maildir = setup.parent / "spool" / "site1"
+    passwd = setup.parent / "passwd"
+    assert (maildir.stat().st_mode & 0o777) == 0o700
+    assert (passwd.stat().st_mode & 0o777) == 0o600
+    assert passwd.read_text().startswith("site1:{ARGON2ID}$argon2id$")
+    assert '[sites."site1"]\nformat = "maildir"\ndomains = ["example.org"]\n' in setup.read_text()
+
+    daemon = Daemon(setup)
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as client:
+            client.sendmail("alice@example.net", ["bob@example.org"], MESSAGE)
+        stored = stored_files(maildir)
+        assert len(stored) == 1
+        pop = poplib.POP3("127.0.0.1", daemon.pop3_port, timeout=20)
+        pop.user("site1")
+        pop.pass_(PASSWORD)
+        _response, lines, _octets = pop.retr(1)
+        pop.quit()
+        retrieved = b"\r\n".join(lines) + b"\r\n"
+        assert retrieved == stored[0].read_bytes()
+        block = parse_block(retrieved)
+        assert block.envelope.recipients == ("bob@example.org",)
+        assert retrieved.endswith(MESSAGE)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+    logs = "".join(daemon.log) + added.stdout.decode() + added.stderr.decode()
+    assert "site1" in logs
+    assert PASSWORD not in logs
+
+
+def test_site_add_refuses_existing_site(setup: Path) -> None:
+    site_add(setup, "site1", "example.org")
+    before = setup.read_text()
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
+            "--domain", "example.net", "--password-stdin"]
+    result = run(argv, stdin=b"other\n", env=environment())
+    assert result.returncode == 64
+    assert b"site 'site1' already exists" in result.stderr
+    assert setup.read_text() == before
+
+
+def test_site_add_refuses_claimed_domain(setup: Path) -> None:
+    site_add(setup, "site1", "example.org")
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site2",
+            "--domain", "EXAMPLE.org", "--password-stdin"]
+    result = run(argv, stdin=b"other\n", env=environment())
+    assert result.returncode == 78
+    assert b"already claimed by site 'site1'" in result.stderr
+    assert "site2" not in (setup.parent / "passwd").read_text()
+
+
+def test_sighup_adds_site_and_survives_bad_config(
+    daemon_with_site: tuple[Daemon, Path],
+) -> None:
+    daemon, config = daemon_with_site
+    client = RawClient(daemon.smtp_port)
+    client.reply()
+    client.command(b"EHLO client.example.net\r\n")
+    client.command(b"MAIL FROM:<alice@example.net>\r\n")
+    assert client.command(b"RCPT TO:<carol@example.com>\r\n").startswith(b"550 5.7.1")
+    client.command(b"QUIT\r\n")
+    client.close()
+
+    site_add(config, "site2", "example.com")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for("configuration reloaded: 2 sites")
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as smtp:
+        smtp.sendmail("alice@example.net", ["carol@example.com"], MESSAGE)
+    assert len(stored_files(config.parent / "spool" / "site2")) == 1
+
+    good = config.read_text()
+    config.write_text(good + "\n[sites.site3]\ndomains = [\"example.com\"]\n")
+    daemon.signal(signal.SIGHUP)
+    line = daemon.wait_for("reload failed")
+    assert "already claimed by site 'site2'" in line
+    assert json.loads(daemon.ready_file.read_text())["generation"] == 2
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as smtp:
+        smtp.sendmail("alice@example.net", ["carol@example.com", "bob@example.org"], MESSAGE)
+    assert len(stored_files(config.parent / "spool" / "site2")) == 2
+    assert len(stored_files(config.parent / "spool" / "site1")) == 1
+
+
+def start_data(port: int) -> RawClient:
+    client = RawClient(port)
+    assert client.reply().startswith(b"220")
+    client.command(b"EHLO client.example.net\r\n")
+    assert client.command(b"MAIL FROM:<alice@example.net>\r\n").startswith(b"250")
+    assert client.command(b"RCPT TO:<bob@example.org>\r\n").startswith(b"250")
+    assert client.command(b"DATA\r\n").startswith(b"354")
+    return client
+
+
+def test_sigterm_lets_transaction_finish(daemon_with_site: tuple[Daemon, Path]) -> None:
+    daemon, config = daemon_with_site
+    client = start_data(daemon.smtp_port)
+    stuffed = MESSAGE.replace(b"\r\n.", b"\r\n..")
+    client.send(stuffed[:40])
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_for("stopping: no new connections")
+    with pytest.raises(ConnectionRefusedError):
+        RawClient(daemon.smtp_port)
+    client.send(stuffed[40:] + b".\r\n")
+    assert client.reply().startswith(b"250 2.0.0 OK: queued as ")
+    assert client.reply().startswith(b"421 4.3.2")
+    client.close()
+    assert daemon.stop() == 0
+    stored = stored_files(config.parent / "spool" / "site1")
+    assert len(stored) == 1
+    assert stored[0].read_bytes().endswith(MESSAGE)
+
+
+def test_sigkill_during_data_stores_nothing(daemon_with_site: tuple[Daemon, Path]) -> None:
+    daemon, config = daemon_with_site
+    client = start_data(daemon.smtp_port)
+    client.send(MESSAGE)
+    # NOOP inside DATA is message text: the server answers nothing until ".".
+    daemon.signal(signal.SIGKILL)
+    daemon.process.wait(timeout=10)
+    with pytest.raises(ConnectionError):
+        client.reply()
+    client.close()
+    maildir = config.parent / "spool" / "site1"
+    assert stored_files(maildir) == []
+    assert tmp_files(maildir) == []
+
+
+def test_kill_during_storage_sends_no_250(setup: Path) -> None:
+    site_add(setup, "site1", "example.org")
+    daemon = Daemon(setup, MAILFEED_FAULT="maildir.after_tmp_write:kill")
+    try:
+        client = start_data(daemon.smtp_port)
+        client.send(MESSAGE + b".\r\n")
+        with pytest.raises(ConnectionError):
+            client.reply()
+        client.close()
+        assert daemon.process.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        daemon.stop()
+    assert stored_files(setup.parent / "spool" / "site1") == []
