@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.report is not None:
@@ -165,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"wrote {docs}")
         return 0
     os.environ["PYTHONPATH"] = str(ROOT / "src")
+    # SIGTERM unwinds like Ctrl-C, so that every private server is stopped.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     results = run(args)
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = results["started"].replace(":", "").replace("+0000", "Z")
