@@ -175,8 +175,8 @@ def mailfeed_mx(interop_dovecot: SpoolDovecot) -> Iterator[MailfeedMx]:
     names = [f"i{number:02d}" for number in range(1, MX_POOL_SIZE + 1)]
     for name in [*names, "mbox"]:
         passwords[name] = f"pw-{name}-{os.urandom(6).hex()}"
-        # SCRAM-SHA-256 keys also check USER/PASS and PLAIN logins; mailfeed
-        # fetch uses SCRAM whenever the server offers it.
+        # SCRAM-SHA-256 keys let mailfeed fetch log in with SCRAM and still
+        # check the USER/PASS and PLAIN logins of the other clients.
         sites[name] = add_site(config, name, domains=[site_domain(name)], addresses=[],
                                spool_format="maildir" if name != "mbox" else "mbox",
                                password=passwords[name], scheme="SCRAM-SHA-256")
