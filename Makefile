@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench bench-smoke clean
+.PHONY: test lint demo interop bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,16 +13,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench demo
 	$(PY) -m mypy
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench demo
 	$(PY) -m mypy
 
 demo: $(VENV)/.installed
-	$(PY) -m mailfeed.demo
+	$(PY) demo/run.py
+
+# Run the interop matrix against the installed peers and regenerate docs/interop.md.
+interop: $(VENV)/.installed
+	rm -rf build/interop
+	$(PY) -m pytest -q -n 2 tests/peers/interop $(PYTEST_ARGS)
+	$(PY) tests/peers/interop_report.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py

@@ -186,7 +186,7 @@ class Client:
         self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
             ("127.0.0.1", port), timeout=timeout
         )
-        self._buffer = b""
+        self._buffer = bytearray()
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -198,19 +198,26 @@ class Client:
         self._buffer += data
         return True
 
+    def _closed(self) -> EOFError:
+        tail = bytes(self._buffer[-80:])
+        return EOFError(f"connection closed; {len(self._buffer)} octets unread, ending {tail!r}")
+
     def read_exact(self, count: int) -> bytes:
         while len(self._buffer) < count:
             if not self._fill():
-                raise EOFError(f"connection closed after {self._buffer!r}")
-        data, self._buffer = self._buffer[:count], self._buffer[count:]
+                raise self._closed()
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
         return data
 
     def line(self) -> bytes:
-        while b"\r\n" not in self._buffer:
+        while self._buffer.find(b"\r\n") < 0:
             if not self._fill():
-                raise EOFError(f"connection closed after {self._buffer!r}")
-        line, self._buffer = self._buffer.split(b"\r\n", 1)
-        return line + b"\r\n"
+                raise self._closed()
+        end = self._buffer.index(b"\r\n") + 2
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end]
+        return line
 
     def multiline(self) -> bytes:
         """Return a whole multi-line reply, status line and terminator included."""

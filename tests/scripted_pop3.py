@@ -59,9 +59,10 @@ TRANSACTION_COMMANDS = frozenset({"STAT", "LIST", "UIDL", "RETR", "TOP", "DELE",
 def stuff(content: bytes) -> bytes:
     """Return ``content`` as a byte-stuffed multi-line body with its terminator.
 
-    Line ends pass unchanged; a last line without a line end gets CRLF.
+    Line ends pass unchanged; a last line without a line end gets CRLF.  Only
+    LF ends a line, as for the client: a bare CR is content.
     """
-    lines = content.splitlines(keepends=True)
+    lines = re.findall(rb"[^\n]*\n|[^\n]+$", content)
     out = bytearray()
     for line in lines:
         if line.startswith(b"."):

@@ -18,6 +18,7 @@ The site table maps a site name to its spool::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -46,6 +47,9 @@ SPOOL_FORMATS = ("maildir", "mbox", "pipe")
 # A site name becomes one path component under the spool root.
 SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 MAX_SITE_NAME = 64
+# Upper bound of the limits in seconds: one week.  It keeps huge values out
+# of timers such as setitimer, which reject them.
+MAX_SECONDS = 7 * 24 * 3600.0
 
 T = TypeVar("T")
 
@@ -144,12 +148,20 @@ class Section:
             raise self.error(name, f"expected an integer between {minimum}{upper}")
         return int(value)
 
-    def get_float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def get_float(
+        self, name: str, default: float, *, minimum: float = 0.0, maximum: float | None = None
+    ) -> float:
+        """Return a finite number; TOML's nan and inf are rejected."""
         value = self._get(name, (int, float), "a number")
         if value is None:
             return default
-        if value < minimum:
-            raise self.error(name, f"expected a number of at least {minimum}")
+        upper = math.inf if maximum is None else maximum
+        # "not (a <= v < inf)" also rejects nan.
+        if not minimum <= value < math.inf or value > upper:
+            bound = f"between {minimum:g} and {upper:g}" if maximum is not None else (
+                f"of at least {minimum:g}"
+            )
+            raise self.error(name, f"expected a finite number {bound}")
         return float(value)
 
     def get_bool(self, name: str, default: bool) -> bool:
@@ -240,8 +252,12 @@ def parse_limits(section: Section) -> Limits:
     limits = Limits(
         max_message_size=section.get_int("max_message_size", Limits.max_message_size),
         max_recipients=section.get_int("max_recipients", Limits.max_recipients, minimum=1),
-        deadline=section.get_float("deadline", Limits.deadline, minimum=1.0),
-        lock_timeout=section.get_float("lock_timeout", Limits.lock_timeout, minimum=0.1),
+        deadline=section.get_float(
+            "deadline", Limits.deadline, minimum=1.0, maximum=MAX_SECONDS
+        ),
+        lock_timeout=section.get_float(
+            "lock_timeout", Limits.lock_timeout, minimum=0.1, maximum=MAX_SECONDS
+        ),
     )
     section.check_unknown()
     return limits
@@ -255,6 +271,9 @@ def parse_site(name: str, section: Section, spool_root: Path) -> SiteConfig:
     fmt = section.get_str("format", "maildir", choices=SPOOL_FORMATS)
     path_text = section.get_str("path", name)
     path = Path(path_text)
+    if path_text == "" or path.parts in ((), ("/",)):
+        # Path("") is ".", which would make the spool root itself the mailbox.
+        raise section.error("path", "expected a folder or file name below spool_root")
     if not path.is_absolute():
         if ".." in path.parts:
             raise section.error("path", "a relative path may not contain '..'")
@@ -282,10 +301,23 @@ def mx_spool_config_from(path: str, data: Mapping[str, Any]) -> tuple[MxSpoolCon
     """
     top = Section(path, data)
     spool_root = Path(top.get_str("spool_root", "/var/spool/mailfeed"))
+    if not spool_root.is_absolute():
+        # A relative root would depend on the working folder the MTA gives us.
+        raise top.error("spool_root", "expected an absolute path")
     limits = parse_limits(top.table("limits"))
     sites: dict[str, SiteConfig] = {}
+    owners: dict[str, str] = {}
     for name, section in top.tables("sites").items():
-        sites[name] = parse_site(name, section, spool_root)
+        site = parse_site(name, section, spool_root)
+        # Two sites on one mailbox would fetch each other's mail.
+        key = os.path.normpath(site.path)
+        if key in owners:
+            raise ConfigError(
+                f"{path}: sites.{name}.path: {site.path} is also the mailbox of site "
+                f"{owners[key]!r}; give each site its own path"
+            )
+        owners[key] = name
+        sites[name] = site
     return MxSpoolConfig(path, spool_root, sites, limits), top
 
 

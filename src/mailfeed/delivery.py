@@ -60,6 +60,7 @@ from mailfeed.errors import EX_OK, EX_TEMPFAIL, ConfigError
 __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_MAX_LINE",
+    "DEFAULT_MAX_REPLY_LINES",
     "DEFAULT_TIMEOUT",
     "LmtpTarget",
     "MaildirTarget",
@@ -80,6 +81,9 @@ DEFAULT_TIMEOUT = 60.0
 # RFC 5321 section 4.5.3.1.5 sets 512 octets; servers send longer texts in
 # practice, so the default is the limit Python's smtplib applies.
 DEFAULT_MAX_LINE = 8192
+# Maximum number of lines in one reply.  RFC 5321 sets no limit; an EHLO reply, the
+# longest in practice, has a few dozen lines.
+DEFAULT_MAX_REPLY_LINES = 1000
 DEFAULT_SMTP_PORT = 25
 # RFC 2033 section 7: port 24 is assigned to LMTP (for private use).
 DEFAULT_LMTP_PORT = 24
@@ -236,10 +240,16 @@ def _scan(message: BinaryIO) -> tuple[int, bool]:
 
 
 class _ReplyReader:
-    """Read one multi-line reply with a bounded line length (RFC 5321 4.2.1)."""
+    """Read one reply with bounded line length and line count (RFC 5321 4.2.1).
 
-    def __init__(self, max_line: int) -> None:
+    Each line is three digits and then SP, "-" (more lines follow) or the
+    line end, and every line of one reply carries the same code.  Anything
+    else is a malformed reply, so the recipients are deferred.
+    """
+
+    def __init__(self, max_line: int, max_lines: int = DEFAULT_MAX_REPLY_LINES) -> None:
         self.max_line = max_line
+        self.max_lines = max_lines
 
     def read(self, conn: smtplib.SMTP) -> tuple[int, str]:
         if conn.file is None:
@@ -260,13 +270,22 @@ class _ReplyReader:
                 )
             text = line.decode("utf-8", "replace").rstrip("\r\n")
             head = text[:3]
-            if not (head.isascii() and head.isdigit()):
+            if (
+                not (head.isascii() and head.isdigit())
+                or text[3:4] not in ("", " ", "-")
+                or (lines and int(head) != code)
+            ):
                 conn.close()
                 raise smtplib.SMTPServerDisconnected(f"malformed reply line {text[:80]!r}")
             code = int(head)
             lines.append(text[4:].strip())
             if text[3:4] != "-":
                 break
+            if len(lines) >= self.max_lines:
+                conn.close()
+                raise smtplib.SMTPServerDisconnected(
+                    f"reply longer than {self.max_lines} lines"
+                )
         return code, "\n".join(lines)
 
 
@@ -346,13 +365,14 @@ class _SmtpFamilyTarget:
         timeout: float = DEFAULT_TIMEOUT,
         helo: str | None = None,
         max_line: int = DEFAULT_MAX_LINE,
+        max_reply_lines: int = DEFAULT_MAX_REPLY_LINES,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         # smtplib would look the name up with getfqdn(), which may wait on DNS.
         self.helo = helo or socket.gethostname()
-        self.reader = _ReplyReader(max_line)
+        self.reader = _ReplyReader(max_line, max_reply_lines)
 
     @property
     def peer(self) -> str:
@@ -716,10 +736,11 @@ class MaildirTarget:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.rename(tmp_path, new_path)
-        except BaseException:
+            # link, unlike rename, fails with EEXIST instead of replacing a
+            # message that already has this name in new/.
+            os.link(tmp_path, new_path, follow_symlinks=False)
+        finally:
             tmp_path.unlink(missing_ok=True)
-            raise
         _fsync_dir(folder / "new")
         return new_path
 
@@ -767,22 +788,27 @@ def target_from_url(
     helo: str | None = None,
     sendmail_path: str = DEFAULT_SENDMAIL,
     max_line: int = DEFAULT_MAX_LINE,
+    max_reply_lines: int = DEFAULT_MAX_REPLY_LINES,
 ) -> Target:
     """Build the target that ``url`` names; raise ConfigError if it is invalid.
 
-    ``max_line`` bounds each reply line from an SMTP or LMTP server.
+    ``max_line`` bounds each reply line from an SMTP or LMTP server, in
+    octets, and ``max_reply_lines`` the lines of one reply.
     ``sendmail_path`` is the program for a bare ``sendmail`` URL.
     """
     scheme, colon, rest = url.partition(":")
     scheme = scheme.lower()
     if scheme == "smtp" and rest.startswith("//"):
         host, port = _host_port(url, DEFAULT_SMTP_PORT)
-        return SmtpTarget(host, port, timeout=timeout, helo=helo, max_line=max_line)
+        return SmtpTarget(host, port, timeout=timeout, helo=helo, max_line=max_line,
+                          max_reply_lines=max_reply_lines)
     if scheme == "lmtp" and rest.startswith("//"):
         host, port = _host_port(url, DEFAULT_LMTP_PORT)
-        return LmtpTarget(host, port, timeout=timeout, helo=helo, max_line=max_line)
+        return LmtpTarget(host, port, timeout=timeout, helo=helo, max_line=max_line,
+                          max_reply_lines=max_reply_lines)
     if scheme == "lmtp" and rest.startswith("/"):
-        return LmtpTarget(rest, 0, timeout=timeout, helo=helo, max_line=max_line)
+        return LmtpTarget(rest, 0, timeout=timeout, helo=helo, max_line=max_line,
+                          max_reply_lines=max_reply_lines)
     if scheme == "sendmail" and not colon:
         return SendmailTarget(sendmail_path, timeout=timeout)
     if scheme == "sendmail" and rest.startswith("/") and not rest.startswith("//"):

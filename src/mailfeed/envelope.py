@@ -20,10 +20,19 @@ Invariants of this codec:
   like block fields are message content.
 * Field names are case-insensitive; the value follows the colon and optional
   white space; lines end in LF or CRLF.
-* Addresses carry no control characters and are at most
-  :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section 4.5.3.1.3).  UTF-8
-  (RFC 6531) and quoted local parts are allowed.  An address in angle brackets
-  is accepted on read and written bare.
+* Addresses are valid UTF-8 without control characters (C0, DEL or C1) and
+  are at most :data:`MAX_ADDRESS_OCTETS` octets (RFC 5321 section
+  4.5.3.1.3).  UTF-8 (RFC 6531) and quoted local parts are allowed.  An
+  address in angle brackets is accepted on read and written bare.  So every
+  envelope the writer accepts, the reader reads back.
+* An envelope lists each recipient once: a repeated address (the same
+  string) is kept at its first place, so it is delivered once.  Addresses
+  that differ only in case stay apart, because a local part is
+  case-sensitive (RFC 5321 section 2.4).
+* Block fields are never folded: a line starting with white space right
+  after the block is a defect, not message content.  A line after the block
+  that is longer than the block line limit is message content, unless it
+  starts with an extension field.
 
 This module knows nothing of files, sockets or spools: it works on bytes and
 on binary streams.
@@ -102,6 +111,8 @@ class Envelope:
             raise InvalidAddress("an envelope needs at least one recipient")
         for rcpt in self.recipients:
             validate_address(rcpt)
+        # One delivery per recipient: drop exact repeats, keeping the order.
+        object.__setattr__(self, "recipients", tuple(dict.fromkeys(self.recipients)))
 
 
 @dataclass(frozen=True)
@@ -118,16 +129,29 @@ class Block:
     extensions: Mapping[str, str] = field(default_factory=dict)
 
 
+def _find_control(text: str) -> str | None:
+    """Return the first C0, DEL or C1 control character in ``text``, if any."""
+    for ch in text:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return ch
+    return None
+
+
 def validate_address(address: str, *, allow_null: bool = False) -> str:
     """Check an envelope address and return it; raise InvalidAddress if bad."""
     if address == "":
         if allow_null:
             return address
         raise InvalidAddress("empty recipient address")
-    for ch in address:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise InvalidAddress(f"address {address!r} contains control character {ch!r}")
-    octets = len(address.encode("utf-8", "surrogateescape"))
+    control = _find_control(address)
+    if control is not None:
+        raise InvalidAddress(f"address {address!r} contains control character {control!r}")
+    try:
+        octets = len(address.encode("utf-8"))
+    except UnicodeEncodeError:
+        # Lone surrogates: bytes that were not UTF-8 on the command line.
+        raise InvalidAddress(f"address {address!r} is not valid UTF-8") from None
     if octets > MAX_ADDRESS_OCTETS:
         raise InvalidAddress(
             f"address {address[:40]!r}... is {octets} octets, over the limit of "
@@ -173,9 +197,9 @@ def encode_block(
 
 
 def _check_extension_value(value: str) -> str:
-    for ch in value:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise ValueError(f"control character {ch!r}")
+    control = _find_control(value)
+    if control is not None:
+        raise ValueError(f"control character {control!r}")
     return value
 
 
@@ -215,13 +239,22 @@ class _LineReader:
         self.line_no = 0
         self.offset = 0
 
-    def next(self) -> bytes:
+    def next(self, *, limit: bool = True) -> bytes:
+        """Return the next line; with ``limit``, raise BlockDefect if it is too long.
+
+        Without ``limit`` a too-long line comes back cut at ``max_line + 1``
+        octets, so the caller can tell it from a line that fits.
+        """
         line = self.stream.readline(self.max_line + 1)
-        if len(line) > self.max_line:
-            raise BlockDefect(self.line_no + 1, f"block line longer than {self.max_line} octets")
+        if limit and len(line) > self.max_line:
+            raise _too_long(self.line_no + 1, self.max_line)
         self.line_no += 1
         self.offset += len(line)
         return line
+
+
+def _too_long(line_no: int, max_line: int) -> BlockDefect:
+    return BlockDefect(line_no, f"block line longer than {max_line} octets")
 
 
 def _diagnose_missing(reader: _LineReader, first: bytes) -> BlockDefect:
@@ -318,14 +351,21 @@ def read_block(
     extensions: dict[str, str] = {}
     block_end = reader.offset
     while True:
-        line = reader.next()
+        # This line may be the message's first line, which has no length limit.
+        line = reader.next(limit=False)
         parts = _split_field(line)
         if parts is None:
+            if line[:1] in (b" ", b"\t"):
+                raise BlockDefect(
+                    reader.line_no, "continuation line after the block (fields are not folded)"
+                )
             break
         name = parts[0].decode("ascii")
         check = EXTENSION_FIELDS.get(name)
         if check is None or name in extensions:
             break
+        if len(line) > max_line:
+            raise _too_long(reader.line_no, max_line)
         try:
             extensions[name] = check(_decode_value(parts[1], reader.line_no))
         except ValueError as exc:

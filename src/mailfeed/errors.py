@@ -33,6 +33,7 @@ __all__ = [
     "TempFailure",
     "UnknownSite",
     "UsageError",
+    "describe",
     "exit_code_for",
 ]
 
@@ -126,3 +127,19 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
         return EX_TEMPFAIL
     return EX_TEMPFAIL
+
+
+def describe(exc: BaseException) -> str:
+    """Return one line for an error message: the error and the value it names.
+
+    An exception that is neither ours nor an OSError is marked as an internal
+    error, so a bug is not mistaken for bad input.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if not isinstance(exc, (OSError, MailfeedError)):
+        text = f"internal error: {type(exc).__name__}: {text}"
+    return " ".join(text.split())

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -90,6 +91,12 @@ EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 HASH_CHUNK = 64 * 1024
+# Statuses after which the next step is DELE: the message was fully handled.
+HANDLED = (MessageStatus.FINAL, MessageStatus.DELE_SENT)
+# Statuses whose row belongs to one content only: a listed UIDL with other
+# content under it is a new message that reuses the UIDL.
+CONTENT_BOUND = (MessageStatus.FINAL, MessageStatus.DELE_SENT, MessageStatus.EXPUNGED,
+                 MessageStatus.QUARANTINED)
 
 _TO_STATE = {
     Outcome.DELIVERED: RecipientOutcome.DELIVERED,
@@ -223,6 +230,27 @@ def dsn_sender_for(target: Target, reporting_mta: str) -> DsnSender:
     return send
 
 
+class _CappedSink:
+    """A temporary file for one RETR that refuses to grow past ``limit`` octets (0: no limit).
+
+    LIST sizes may lie or be missing, so max_message_size is also enforced
+    while the message streams in, so the temporary file never exceeds the limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.file: BinaryIO = tempfile.TemporaryFile(prefix="mailfeed-fetch-")  # noqa: SIM115
+        self.limit = limit
+        self.written = 0
+        self.over_limit = False
+
+    def write(self, data: bytes) -> int:
+        if self.limit and self.written + len(data) > self.limit:
+            self.over_limit = True
+            raise OSError(errno.EFBIG, f"the message exceeds max_message_size = {self.limit}")
+        self.written += len(data)
+        return self.file.write(data)
+
+
 def ssl_context_for(source: SourceConfig) -> ssl.SSLContext | None:
     if source.tls is pop3client.TlsMode.NONE:
         return None
@@ -308,8 +336,9 @@ class _Session:
         self.client: pop3client.Pop3Client | None = None
         self.entries: dict[int, str] = {}
         self.sizes: dict[int, int] = {}
+        self.listed: frozenset[str] = frozenset()
         self.records: dict[str, MessageRecord] = {}
-        self.sinks: dict[int, BinaryIO] = {}
+        self.sinks: dict[int, _CappedSink] = {}
         # Messages to delete: message number -> state row id.
         self.to_delete: dict[int, int] = {}
         self.dele_acked: list[tuple[int, str]] = []
@@ -346,13 +375,20 @@ class _Session:
             log.warning("%s %s: UIDL entry skipped, message left alone: %s (line %r)",
                         self.sid, self.peer, reason, raw)
         self.entries = dict(sorted(listing.entries.items()))
+        self.listed = frozenset(self.entries.values())
         self.records = self.store.get_many(source.name, list(self.entries.values()))
         to_retrieve = self._plan()
         if to_retrieve:
             await self._retrieve(to_retrieve)
         await self._delete()
         await self._quit()
-        removed = self.store.prune(source.name, self.entries.values(),
+        if listing.defects:
+            # A UIDL on a rejected line is still on the server: forgetting it
+            # would lose its quarantine mark or its delivered state.
+            log.info("%s: %d UIDL lines rejected: nothing pruned this session", self.sid,
+                     len(listing.defects))
+            return
+        removed = self.store.prune(source.name, self.listed,
                                    retention=self.limits.state_retention)
         if removed:
             log.info("%s: forgot %d messages no longer on the server", self.sid, removed)
@@ -363,17 +399,19 @@ class _Session:
         max_size = self.limits.max_message_size
         for msgnum, uidl in self.entries.items():
             record = self.records.get(uidl)
+            size = self.sizes.get(msgnum)
+            # A new LIST size under a known UIDL means new content: RETR decides by digest.
+            same_size = record is None or size is None or record.size in (None, size)
             status = None if record is None else record.status
-            if record is not None and status in (MessageStatus.FINAL, MessageStatus.DELE_SENT,
-                                                 MessageStatus.EXPUNGED):
+            if record is not None and status in HANDLED and same_size:
                 # Every recipient is final: the last session did not reach QUIT.
                 self.to_delete[msgnum] = record.id
                 continue
-            if status == MessageStatus.QUARANTINED and not self.fetcher.retry_quarantined:
+            if (status == MessageStatus.QUARANTINED and same_size
+                    and not self.fetcher.retry_quarantined):
                 self.report.quarantined += 1
                 self.report.raise_exit(EX_DATAERR)
                 continue
-            size = self.sizes.get(msgnum)
             if max_size and size is not None and size > max_size:
                 reason = f"size {size} octets is over max_message_size = {max_size}"
                 self._keep(msgnum, uidl, MessageStatus.SKIPPED, reason, size=size)
@@ -402,24 +440,25 @@ class _Session:
                     await self._handle(result, sink)
                 finally:
                     if sink is not None:
-                        sink.close()
+                        sink.file.close()
                 if self.fetcher.progress is not None:
                     self.fetcher.progress(self.report, len(msgnums), planned_octets)
                 if self.fetcher.stop_requested:
                     log.info("%s: stop requested: no further messages this session", self.sid)
                     break
 
-    def _open_sink(self, msgnum: int) -> BinaryIO:
-        sink: BinaryIO = tempfile.TemporaryFile(prefix="mailfeed-fetch-")  # noqa: SIM115
+    def _open_sink(self, msgnum: int) -> _CappedSink:
+        sink = _CappedSink(self.limits.max_message_size)
         self.sinks[msgnum] = sink
         return sink
 
-    async def _handle(self, result: pop3client.RetrResult, sink: BinaryIO | None) -> None:
+    async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None) -> None:
         msgnum = result.msgnum
         uidl = self.entries[msgnum]
-        if not result.ok or sink is None:
-            self._retrieval_failed(msgnum, uidl, result.error or "no data")
+        if not result.ok or capped is None:
+            self._retrieval_failed(msgnum, uidl, result, capped)
             return
+        sink = capped.file
         self.report.retrieved += 1
         self.report.octets += result.size
         listed_size = self.sizes.get(msgnum)
@@ -428,9 +467,7 @@ class _Session:
                         self.sid, msgnum, uidl, listed_size, result.size)
         digest = file_digest(sink)
         fault_point("fetch.after_retr")
-        record = self.records.get(uidl)
-        if record is None:
-            record = self._recognise(uidl, digest, result.size)
+        self._match_record(uidl, digest, result.size)
         try:
             sink.seek(0)
             block = read_block(sink, max_recipients=self.limits.max_recipients,
@@ -450,16 +487,38 @@ class _Session:
                                           recipients)
         await self._deliver(msgnum, record, block, sink)
 
-    def _recognise(self, uidl: str, digest: str, size: int) -> MessageRecord | None:
+    def _match_record(self, uidl: str, digest: str, size: int) -> None:
+        """Tie a retrieved message to its state row before its block is read.
+
+        A row bound to other content means the server reused the UIDL for a
+        new message: the row is dropped so that the message is delivered.
+        An unknown UIDL may be a delivered message under a new UIDL.
+        """
+        record = self.records.get(uidl)
+        if record is not None and record.status in CONTENT_BOUND:
+            if record.digest == digest:
+                if record.status == MessageStatus.EXPUNGED:
+                    log.warning("%s: UIDL %s is back after its deletion was confirmed, with "
+                                "the same content: deleting it again without delivery",
+                                self.sid, uidl)
+                return
+            log.warning("%s: UIDL %s was %s with sha256 %s and now has sha256 %s: the server "
+                        "reused it for a new message, which is handled as new", self.sid, uidl,
+                        record.status.value, (record.digest or "unknown")[:16], digest[:16])
+            self.store.forget(record.id)
+            record = None
+        if record is None:
+            self._recognise(uidl, digest, size)
+
+    def _recognise(self, uidl: str, digest: str, size: int) -> None:
         """Match an unknown UIDL by digest to a delivered, not expunged record."""
-        listed = set(self.entries.values())
-        old = self.store.find_delivered_by_digest(self.source.name, digest, listed)
+        old = self.store.find_delivered_by_digest(self.source.name, digest, self.listed)
         if old is None:
-            return None
+            return
         log.info("%s: UIDL %s has the content (sha256 %s) of UIDL %s, delivered before: "
                  "taking over its record instead of delivering again",
                  self.sid, uidl, digest[:16], old.uidl)
-        return self.store.adopt(old, uidl, digest, size)
+        self.store.adopt(old, uidl, digest, size)
 
     async def _deliver(self, msgnum: int, record: MessageRecord, block: Block,
                        sink: BinaryIO) -> None:
@@ -570,7 +629,15 @@ class _Session:
 
     def _quarantine(self, msgnum: int, uidl: str, digest: str, sink: BinaryIO, reason: str,
                     size: int) -> None:
-        path = self.fetcher.quarantine.store(self.source.name, uidl, digest, sink, reason)
+        try:
+            path = self.fetcher.quarantine.store(self.source.name, uidl, digest, sink, reason)
+        except OSError as exc:
+            # Not recorded as quarantined, so the next session tries again.
+            log.error("%s: message %d (UIDL %s) kept on the server, not delivered (%s); "
+                      "copying it into quarantine %s failed: %s", self.sid, msgnum, uidl,
+                      reason, self.config.quarantine, exc)
+            self.report.raise_exit(EX_TEMPFAIL)
+            return
         self._keep(msgnum, uidl, MessageStatus.QUARANTINED, reason, digest=digest, size=size)
         if path is not None:
             log.info("%s: UIDL %s: copy quarantined at %s", self.sid, uidl, path)
@@ -588,10 +655,22 @@ class _Session:
             log.warning("%s: message %d (UIDL %s) kept on the server, not delivered (%s): %s",
                         self.sid, msgnum, uidl, status.value, reason)
 
-    def _retrieval_failed(self, msgnum: int, uidl: str, error: str) -> None:
-        setting = f"max_line_length = {self.limits.max_line_length}"
-        if "line" in error.lower():
+    def _retrieval_failed(self, msgnum: int, uidl: str, result: pop3client.RetrResult,
+                          capped: _CappedSink | None) -> None:
+        error = result.error or "no data"
+        if capped is not None and capped.over_limit:
+            listed = self.sizes.get(msgnum)
+            reason = (f"more than max_message_size = {self.limits.max_message_size} octets "
+                      f"retrieved, although LIST gave {listed if listed is not None else 'none'}")
+            self._keep(msgnum, uidl, MessageStatus.SKIPPED, reason)
+            return
+        if result.failure == pop3client.RetrFailure.LINE_TOO_LONG:
+            setting = f"max_line_length = {self.limits.max_line_length}"
             self._keep(msgnum, uidl, MessageStatus.SKIPPED, f"{error} ({setting})")
+            return
+        if result.failure == pop3client.RetrFailure.UNSTUFFED_DOT:
+            # The server sends the same bytes again next time: keep it, log it once.
+            self._keep(msgnum, uidl, MessageStatus.SKIPPED, error)
             return
         log.warning("%s: message %d (UIDL %s) not retrieved, kept on the server: %s",
                     self.sid, msgnum, uidl, error)
@@ -601,7 +680,7 @@ class _Session:
         if not self.to_delete or self.client is None:
             return
         msgnums = sorted(self.to_delete)
-        acked = await self.client.delete_many(msgnums)
+        acked = await self.client.delete_many(msgnums, window=self.limits.pipelining_window)
         ids = [self.to_delete[n] for n in msgnums if acked.get(n)]
         self.store.mark_dele_sent(ids)
         fault_point("fetch.after_dele")
@@ -635,7 +714,7 @@ class _Session:
 
     async def close(self) -> None:
         for sink in self.sinks.values():
-            sink.close()
+            sink.file.close()
         self.sinks.clear()
         client, self.client = self.client, None
         if client is not None:

@@ -202,6 +202,9 @@ def _parse_source(section: Section, base: Path) -> SourceConfig:
     name = section.required_str("name")
     if not name or not set(name) <= SOURCE_NAME_CHARS:
         raise section.error("name", "use letters, digits, '.', '_', '+' and '-'")
+    if name.startswith("."):
+        # The name is a directory under the quarantine root: ".." would leave it.
+        raise section.error("name", "must not start with '.'")
     host = section.required_str("host")
     tls = TlsMode(section.get_str("tls", TlsMode.IMPLICIT.value, choices=TLS_CHOICES))
     default_port = DEFAULT_POP3S_PORT if tls is TlsMode.IMPLICIT else DEFAULT_POP3_PORT

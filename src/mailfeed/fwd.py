@@ -20,8 +20,13 @@ Exit status (sysexits(3)), mapped from exceptions only in
 * 77 (EX_NOPERM) run as root (the MTA must run it as an unprivileged user);
 * 78 (EX_CONFIG) missing or invalid configuration;
 * 75 (EX_TEMPFAIL) everything else: disk full, I/O error, lock timeout, the
-  deadline (``limits.deadline``), or an unexpected error.  Never 1, because
-  an MTA bounces mail on an unknown status.
+  deadline (``limits.deadline``), SIGTERM, SIGINT or SIGHUP, standard input
+  not open, or an unexpected error.  Never 1, because an MTA bounces mail on
+  an unknown status.
+
+A stop signal or the deadline raises an exception inside the spool writer,
+which removes what it wrote, so nothing partial stays behind.  Once the
+message is stored, the stop signals are ignored.
 
 Every failure prints one line on standard error naming the value at fault.
 One process runs per message, so this module imports only what it needs:
@@ -30,20 +35,22 @@ no ``email``, no ``asyncio``, no ``argparse``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import BinaryIO
 
 from mailfeed.envelope import Envelope, InvalidAddress, validate_address
 from mailfeed.errors import (
     EX_OK,
     DataError,
-    MailfeedError,
     NotPermitted,
     TempFailure,
     UsageError,
+    describe,
     exit_code_for,
 )
 
@@ -61,6 +68,8 @@ the RCPTs, in the spool of SITE.  An empty SENDER or <> is the null sender.
 """
 # Octets of standard input buffered per read.
 STDIN_BUFFER = 64 * 1024
+# Signals that stop a delivery: each one makes fwd undo the write and exit 75.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Args:
@@ -134,7 +143,22 @@ def _on_deadline(deadline: float) -> None:
     signal.setitimer(signal.ITIMER_REAL, deadline)
 
 
+def _on_stop_signals() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        raise TempFailure(f"stopped by {name} before the message was stored; nothing stored")
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _run(argv: Sequence[str]) -> int:
+    _on_stop_signals()
     args = parse_args(argv)
     if args is None:
         sys.stdout.write(HELP)
@@ -155,22 +179,31 @@ def _run(argv: Sequence[str]) -> int:
     try:
         from mailfeed.spool import store_message
 
-        with open(0, "rb", buffering=STDIN_BUFFER, closefd=False) as stdin:
+        with _open_stdin() as stdin:
             store_message(site, envelope, stdin, config.limits)
+        # Stored: a signal now must not turn success into a retry (a duplicate).
+        _ignore_stop_signals()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     return EX_OK
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        text = f"{exc.strerror}{where}"
-    else:
-        text = str(exc) or type(exc).__name__
-    if not isinstance(exc, (OSError, MailfeedError)):
-        text = f"internal error: {type(exc).__name__}: {text}"
-    return " ".join(text.split())
+def _open_stdin() -> BinaryIO:
+    try:
+        return open(0, "rb", buffering=STDIN_BUFFER, closefd=False)
+    except OSError as exc:
+        raise TempFailure(
+            f"standard input is not open ({exc.strerror}): the MTA must pass the message "
+            "on standard input"
+        ) from None
+
+
+def _report(text: str) -> None:
+    # With standard error closed there is nowhere to report: the exit status still tells.
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(f"{PROG}: {text}\n")
+            sys.stderr.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         # Every failure, including an unexpected one, becomes a sysexits code.
         code = exit_code_for(exc)
-        sys.stderr.write(f"{PROG}: {_describe(exc)}\n")
+        _report(describe(exc))
         return code
 
 

@@ -10,12 +10,12 @@ absent.  A password without ``{SCHEME}`` is read as Dovecot's default
 supported.
 
 Schemes: ``PLAIN`` and ``CLEARTEXT`` (also ``.B64``/``.HEX`` encoded),
-``SHA512-CRYPT`` and ``SHA256-CRYPT`` (Drepper's SHA-crypt, implemented
-here because the ``crypt`` module is deprecated since Python 3.11 and no
-maintained replacement is installed), ``ARGON2ID`` and ``ARGON2I``
+``SHA512-CRYPT`` and ``SHA256-CRYPT``, ``ARGON2ID`` and ``ARGON2I``
 (argon2-cffi), ``SCRAM-SHA-256`` (Dovecot's ``ITER,SALT,STOREDKEY,SERVERKEY``),
 and the digests ``SHA256``, ``SSHA256``, ``SHA512``, ``SSHA512`` (base64 or
-``.HEX``).
+``.HEX``).  SHA-crypt (Drepper's specification) is implemented here because
+the ``crypt`` module is deprecated since Python 3.11 and no maintained
+replacement is installed.
 
 Invariants: comparisons are constant-time, and :meth:`PasswdFile.verify`
 does the same work for an unknown user as for a known one by checking the
@@ -231,6 +231,12 @@ class PasswdFile:
         self._entries = entries
         self._scram_cache: dict[str, ScramCredentials] = {}
         self._decoy = self._make_decoy()
+        # SCRAM needs the stored key or the plain secret: a user whose secret
+        # is a one-way hash such as ARGON2ID can never log in with it.
+        self.scram_for_all = bool(entries) and all(
+            entry.scheme == SCRAM_SCHEME or entry.scheme in PLAIN_SCHEMES
+            for entry in entries.values()
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> PasswdFile:
@@ -349,7 +355,7 @@ class PasswdFile:
 
 
 def hash_password(password: str, scheme: str = "ARGON2ID") -> str:
-    """Return ``{SCHEME}secret`` for a passwd-file line (ARGON2ID unless told otherwise)."""
+    """Hash ``password`` into ``{SCHEME}secret`` for a passwd-file line (default ARGON2ID)."""
     scheme = scheme.upper()
     if scheme == "ARGON2ID":
         return "{ARGON2ID}" + argon2.PasswordHasher(type=argon2.Type.ID).hash(password)
@@ -362,6 +368,10 @@ def hash_password(password: str, scheme: str = "ARGON2ID") -> str:
     if scheme == SCRAM_SCHEME:
         return "{SCRAM-SHA-256}" + ScramCredentials.from_password(password).format()
     if scheme in PLAIN_SCHEMES:
+        if ":" in password or "\n" in password or password.startswith("{"):
+            # The passwd-file splits fields at ":", so store such secrets encoded.
+            encoded = base64.b64encode(password.encode("utf-8")).decode("ascii")
+            return "{" + scheme + ".B64}" + encoded
         return "{" + scheme + "}" + password
     if scheme in DIGEST_SCHEMES:
         algorithm, salted = DIGEST_SCHEMES[scheme]

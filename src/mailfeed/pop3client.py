@@ -49,7 +49,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from typing import Protocol, cast
 
 from mailfeed.errors import TempFailure
 from mailfeed.scram import MECHANISM as SCRAM_MECHANISM
@@ -65,7 +65,9 @@ __all__ = [
     "Pop3ServerError",
     "Pop3Timeout",
     "Pop3TlsError",
+    "RetrFailure",
     "RetrResult",
+    "Sink",
     "Timeouts",
     "TlsMode",
     "TraceCallback",
@@ -247,19 +249,38 @@ class UidlListing:
     defects: list[tuple[str, str]] = field(default_factory=list)
 
 
+class RetrFailure(enum.Enum):
+    """Why a RETR gave no usable message, so the caller decides without parsing text."""
+
+    SERVER_ERROR = "server-error"  # -ERR to RETR
+    LINE_TOO_LONG = "line-too-long"  # a line over max_line_length
+    UNSTUFFED_DOT = "unstuffed-dot"  # a line starting with a '.' that was not stuffed
+    SIZE_MISMATCH = "size-mismatch"  # the unstuffed size differs from LIST
+    SINK_ERROR = "sink-error"  # the sink's write raised OSError
+    BROKEN = "broken"  # the session broke in the middle of the reply
+
+
+class Sink(Protocol):
+    """The destination of a message's unstuffed octets in :meth:`Pop3Client.retrieve`."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 @dataclass(frozen=True)
 class RetrResult:
     """The outcome of one RETR.
 
     ``size`` counts the unstuffed octets written to the sink, line ends as
     sent.  When ``ok`` is False the sink contains an incomplete or doubtful
-    message that the caller must discard; ``error`` says why.
+    message that the caller must discard; ``error`` gives the reason
+    and ``failure`` its kind.
     """
 
     msgnum: int
     ok: bool
     size: int
     error: str | None = None
+    failure: RetrFailure | None = None
 
 
 def mask_secrets(line: str, *, sasl_response: bool = False) -> str:
@@ -637,6 +658,7 @@ class _Pending:
 class _BodyOutcome:
     size: int = 0
     defect: str | None = None
+    failure: RetrFailure | None = None
 
 
 class _DiscardingSink:
@@ -997,6 +1019,7 @@ class Pop3Client:
                     write(b"".join(chunks))
                 except OSError as exc:
                     outcome.defect = f"writing the message failed: {exc}"
+                    outcome.failure = RetrFailure.SINK_ERROR
             chunks.clear()
             chunk_size = 0
 
@@ -1032,6 +1055,7 @@ class Pop3Client:
                             " server did not byte-stuff (RFC 1939 section 3), so the message"
                             " content is uncertain"
                         )
+                        outcome.failure = RetrFailure.UNSTUFFED_DOT
                     run_start = pos + 1
                 pos = line_end
             if not long_line:
@@ -1056,6 +1080,7 @@ class Pop3Client:
                 f"a line of {length} octets exceeds max_line_length={limit}; the message was"
                 " read to its end and discarded. Raise max_line_length to accept it"
             )
+            outcome.failure = RetrFailure.LINE_TOO_LONG
 
     def _server_error(
         self, kind: type[Pop3ServerError], command: str, status: _Status
@@ -1271,7 +1296,7 @@ class Pop3Client:
         self,
         msgnums: Sequence[int],
         *,
-        open_sink: Callable[[int], BinaryIO],
+        open_sink: Callable[[int], Sink],
         expected_sizes: Mapping[int, int] | None = None,
         window: int = DEFAULT_RETR_WINDOW,
     ) -> AsyncIterator[RetrResult]:
@@ -1308,7 +1333,7 @@ class Pop3Client:
     async def _retrieve(
         self,
         msgnums: list[int],
-        open_sink: Callable[[int], BinaryIO],
+        open_sink: Callable[[int], Sink],
         expected_sizes: Mapping[int, int],
         window: int,
     ) -> AsyncIterator[RetrResult]:
@@ -1341,17 +1366,17 @@ class Pop3Client:
         self,
         msgnum: int,
         pending: _Pending,
-        open_sink: Callable[[int], BinaryIO],
+        open_sink: Callable[[int], Sink],
         expected_size: int | None,
     ) -> tuple[RetrResult, Pop3Error | None]:
         try:
             status = await self._read_status(pending, "command", self._timeouts.command)
         except Pop3Error as exc:
-            return RetrResult(msgnum, False, 0, str(exc)), exc
+            return RetrResult(msgnum, False, 0, str(exc), RetrFailure.BROKEN), exc
         if not status.ok:
             rejected = f"server rejected RETR {msgnum}: {status.line}"
             _LOG.warning("%s %s: %s", self.session_id, self.peer, rejected)
-            return RetrResult(msgnum, False, 0, rejected), None
+            return RetrResult(msgnum, False, 0, rejected, RetrFailure.SERVER_ERROR), None
         try:
             sink = open_sink(msgnum)
         except BaseException:
@@ -1360,17 +1385,19 @@ class Pop3Client:
         try:
             outcome = await self._read_body(sink.write)
         except Pop3Error as exc:
-            return RetrResult(msgnum, False, 0, f"message {msgnum}: {exc}"), exc
-        error = outcome.defect
+            failed = RetrResult(msgnum, False, 0, f"message {msgnum}: {exc}", RetrFailure.BROKEN)
+            return failed, exc
+        error, failure = outcome.defect, outcome.failure
         if error is None and expected_size is not None and outcome.size != expected_size:
             error = (
                 f"size mismatch: LIST gave {expected_size} octets, RETR delivered"
                 f" {outcome.size}"
             )
+            failure = RetrFailure.SIZE_MISMATCH
         if error is not None:
             error = f"message {msgnum}: {error}"
             _LOG.warning("%s %s: %s", self.session_id, self.peer, error)
-            return RetrResult(msgnum, False, outcome.size, error), None
+            return RetrResult(msgnum, False, outcome.size, error, failure), None
         return RetrResult(msgnum, True, outcome.size), None
 
     async def top(self, msgnum: int, lines: int) -> bytes:
@@ -1388,20 +1415,28 @@ class Pop3Client:
             raise Pop3ProtocolError(f"TOP {msgnum}: {outcome.defect}")
         return content.getvalue()
 
-    async def delete_many(self, msgnums: Sequence[int]) -> dict[int, bool]:
+    async def delete_many(
+        self, msgnums: Sequence[int], *, window: int = DEFAULT_RETR_WINDOW
+    ) -> dict[int, bool]:
         """Send DELE for each message; return message number -> accepted.
 
-        With PIPELINING all commands go in one flight; otherwise one at a
+        With PIPELINING the commands go in flights of at most ``window``,
+        each read back before the next is sent, so neither side's buffers
+        fill up however many messages there are.  Without it, one at a
         time.  A ``-ERR`` is logged and gives False.  Messages are removed
         only when the server answers QUIT with ``+OK`` (RFC 1939 section 6).
         """
+        if window < 1:
+            raise ValueError(f"window={window} is invalid: it must be at least 1")
         self._check_idle()
         results: dict[int, bool] = {}
         if self.pipelining:
-            pendings = self._send([f"DELE {n}" for n in msgnums], multiline=False)
-            await self._flush("command", self._timeouts.command)
-            for msgnum, pending in zip(msgnums, pendings, strict=True):
-                results[msgnum] = await self._dele_result(msgnum, pending)
+            for start in range(0, len(msgnums), window):
+                batch = msgnums[start : start + window]
+                pendings = self._send([f"DELE {n}" for n in batch], multiline=False)
+                await self._flush("command", self._timeouts.command)
+                for msgnum, pending in zip(batch, pendings, strict=True):
+                    results[msgnum] = await self._dele_result(msgnum, pending)
         else:
             for msgnum in msgnums:
                 pending = self._send_one(f"DELE {msgnum}", multiline=False)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -53,10 +54,10 @@ from mailfeed.envelope import DEFAULT_MAX_RECIPIENTS, BlockDefect, read_block
 from mailfeed.errors import (
     EX_OK,
     DataError,
-    MailfeedError,
     PermanentError,
     TempFailure,
     UsageError,
+    describe,
     exit_code_for,
 )
 
@@ -72,6 +73,17 @@ log = logging.getLogger(__name__)
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def _seconds(text: str) -> float:
+    """Parse a timeout: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"timeout {text!r} must be a number of seconds above 0")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help=f"network and program timeout in seconds (default {DEFAULT_TIMEOUT:g})",
@@ -119,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _copy_input(name: str, spool: BinaryIO) -> None:
     if name == "-":
+        if sys.stdin is None:
+            raise TempFailure(
+                "standard input is not open: pass the message on standard input or as FILE"
+            )
         shutil.copyfileobj(sys.stdin.buffer, spool, CHUNK_SIZE)
         return
     with open(name, "rb") as source:
@@ -152,14 +168,23 @@ def _write_durably(folder: Path, name: str, source: BinaryIO) -> Path:
 
 
 def quarantine(folder: Path, message: BinaryIO, defect: BlockDefect) -> Path:
-    """Keep the whole input and its defect in ``folder``; return the message path."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Keep the whole input and its defect in ``folder``; return the message path.
+
+    Raise TempFailure naming the folder when the copy cannot be written.
+    """
     stem = f"{int(time.time())}.{os.getpid()}.{secrets.token_hex(6)}"
     message.seek(0)
-    path = _write_durably(folder, f"{stem}.eml", message)
-    reason = f"line {defect.line}: {defect.reason}\n".encode()
-    _write_durably(folder, f"{stem}.reason", io.BytesIO(reason))
-    _fsync_dir(folder)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = _write_durably(folder, f"{stem}.eml", message)
+        reason = f"line {defect.line}: {defect.reason}\n".encode()
+        _write_durably(folder, f"{stem}.reason", io.BytesIO(reason))
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise TempFailure(
+            f"malformed block (line {defect.line}: {defect.reason}) and no copy kept: "
+            f"cannot write to quarantine folder {folder}: {exc.strerror}; nothing delivered"
+        ) from None
     return path
 
 
@@ -230,12 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         # argparse exits 0 after --help.
         return exc.code if isinstance(exc.code, int) else EX_OK
-    except Exception as exc:
+    except BaseException as exc:
+        # Every failure, including an unexpected one, becomes one line and a
+        # sysexits code; a traceback would only reach the calling MTA's log.
         code = exit_code_for(exc)
-        if isinstance(exc, MailfeedError):
-            log.error("%s", exc)
-        else:
-            log.exception("unexpected error, exiting %d so the message is kept: %s", code, exc)
+        log.error("%s", describe(exc))
         return code
     return EX_OK
 

@@ -485,6 +485,11 @@ class StateStore:
         assert record is not None
         return record
 
+    def forget(self, message_id: int) -> None:
+        """Delete a message row and its recipients (its UIDL now names another message)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
     def mark_dele_sent(self, message_ids: Sequence[int]) -> None:
         self._set_many(message_ids, MessageStatus.DELE_SENT)
 
@@ -566,11 +571,17 @@ class _Transaction:
                 self.db.execute("COMMIT")
                 return
             except sqlite3.Error as error:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise StateError(f"cannot commit to state file {self.path}: {error}") from None
-        self.db.execute("ROLLBACK")
+        self._rollback()
         if isinstance(exc, sqlite3.Error):
             raise StateError(f"cannot write state file {self.path}: {exc}") from None
+
+    def _rollback(self) -> None:
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR),
+        # and a second ROLLBACK would raise instead of reporting the first error.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
 
 def _migrate(db: sqlite3.Connection, path: Path) -> None:

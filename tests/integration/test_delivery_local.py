@@ -176,3 +176,16 @@ def test_maildir_streams_large_message(tmp_path: Path) -> None:
     [written] = (tmp_path / "mail" / "bob@example.org" / "new").iterdir()
     assert written.stat().st_size == (size // len(line)) * (len(line) - 1)
     assert peak < 1024 * 1024, f"peak Python allocation {peak} octets for a {size}-octet message"
+
+
+def test_maildir_name_clash_never_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = MaildirTarget(tmp_path)
+    monkeypatch.setattr(target, "_unique_name", lambda: "1.M1P1Q1.host")
+    envelope = Envelope("a@example.net", ("bob@example.org",))
+    first = target.deliver(envelope, io.BytesIO(b"first\n"))
+    second = target.deliver(envelope, io.BytesIO(b"second\n"))
+    assert first[0].outcome is Outcome.DELIVERED
+    assert second[0].outcome is Outcome.DEFERRED
+    [stored] = (tmp_path / "bob@example.org" / "new").iterdir()
+    assert stored.read_bytes() == b"first\n"
+    assert list((tmp_path / "bob@example.org" / "tmp").iterdir()) == []

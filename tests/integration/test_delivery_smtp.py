@@ -237,3 +237,21 @@ def test_smtp_reply_line_over_max_line_defers() -> None:
 def test_target_url_invalid(url: str) -> None:
     with pytest.raises(ConfigError, match="invalid delivery target"):
         target_from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ("250-a\r\n" * 5 + "250 end", "reply longer than 3 lines"),
+        ("2500 ok", "malformed reply line '2500 ok'"),
+        ("250-ok\r\n550 no", "malformed reply line '550 no'"),
+    ],
+)
+def test_smtp_malformed_rcpt_reply_defers(reply: str, reason: str) -> None:
+    envelope = Envelope("alice@example.net", ("a@example.org",))
+    script = [("EHLO", "250 scripted.test"), ("MAIL", "250 ok"), ("RCPT", reply)]
+    with scripted_server(script) as (port, _):
+        target = target_from_url(f"smtp://127.0.0.1:{port}", timeout=5, max_reply_lines=3)
+        results = target.deliver(envelope, io.BytesIO(b"x\r\n"))
+    assert results[0].outcome is Outcome.DEFERRED
+    assert reason in results[0].text

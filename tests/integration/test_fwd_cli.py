@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,14 @@ from tests.integration.fwd_helpers import (
     run_fwd,
     write_config,
 )
-from tests.support import as_run_user, case_bytes, is_root, script, shared_tmpdir
+from tests.support import (
+    as_run_user,
+    case_bytes,
+    chown_tree,
+    is_root,
+    script,
+    shared_tmpdir,
+)
 
 MESSAGE = b"Subject: test\r\n\r\nBody.\r\n"
 
@@ -66,6 +75,8 @@ def test_config_from_environment(root: Path) -> None:
         (["--bogus", "s", "a", "b"], 64, "unknown option '--bogus'"),
         ([MAILDIR_SITE, "a@example.net", "bad rcpt "], 65, "invalid recipient 'bad rcpt '"),
         ([MAILDIR_SITE, "a\x01@example.net", "b@example.org"], 65, "invalid sender"),
+        # Latin-1 bytes on the command line: the block reader would reject them.
+        ([MAILDIR_SITE, "a@example.net", "j\udcfcrgen@example.org"], 65, "not valid UTF-8"),
         (["nosuch", "a@example.net", "b@example.org"], 67, "unknown site 'nosuch'"),
     ],
 )
@@ -233,3 +244,50 @@ def test_200mb_message_flat_memory(root: Path) -> None:
     block_size = len(b"X-Mailfeed-Sender: <>\nX-Mailfeed-Recipient-Number: 1\n"
                      b"X-Mailfeed-Recipient-Address: b@x.org\n")
     assert stored.stat().st_size == written + block_size
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll a file-system condition that the child process brings about."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("site", [MAILDIR_SITE, MBOX_SITE])
+def test_stop_signal_mid_write_exit_75(root: Path, site: str, signum: int) -> None:
+    mbox = root / MBOX_SITE
+    mbox.write_bytes(b"")
+    chown_tree(root)
+    argv = as_run_user([script("mailfeed-fwd"), *fwd_args(root, site, "", "b@x.org")])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=fwd_env())
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(b"Subject: x\n\n" + b"body line\n" * 1000)
+    proc.stdin.flush()
+    if site == MAILDIR_SITE:
+        wait_until(lambda: bool(maildir_files(root, "tmp")), "a file in tmp/")
+    else:
+        wait_until(lambda: mbox.stat().st_size > 0, "the first write to the mbox")
+    os.kill(proc.pid, signum)  # setpriv execs fwd, so this is fwd's pid
+    proc.wait(timeout=60)
+    proc.stdin.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == 75
+    assert f"stopped by {signal.Signals(signum).name}" in one_line(err)
+    assert maildir_files(root) == []
+    assert maildir_files(root, "tmp") == []
+    assert mbox.read_bytes() == b""
+    assert not (root / f"{MBOX_SITE}.lock").exists()
+
+
+@pytest.mark.parametrize("closed", ["<&-", "<&- 2>&-"])
+def test_closed_stdin_exit_75(root: Path, closed: str) -> None:
+    argv = as_run_user([script("mailfeed-fwd"), *fwd_args(root, MAILDIR_SITE, "", "b@x.org")])
+    result = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", *argv],
+                            capture_output=True, env=fwd_env(), check=False)
+    assert result.returncode == 75
+    if "2>&-" not in closed:
+        assert "standard input is not open" in one_line(result.stderr)
+    assert maildir_files(root) == []

@@ -130,3 +130,49 @@ def test_rmail_unexpected_error_exits_75(tmp_path: Path) -> None:
     result = rmail([str(tmp_path / "missing.eml")], target=f"maildir:{tmp_path}")
     assert result.returncode == 75
     assert "missing.eml" in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_rmail_invalid_timeout_exits_64(timeout: str) -> None:
+    result = rmail(["--timeout", timeout], stdin=b"x\n", target="smtp://127.0.0.1:1")
+    assert result.returncode == 64
+    assert f"{timeout!r}" in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+
+
+def test_rmail_closed_stdin_exits_75(tmp_path: Path) -> None:
+    argv = ["sh", "-c", 'exec "$@" <&-', "sh", script("mailfeed-rmail"),
+            f"--target=maildir:{tmp_path}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = run(argv, env=env)
+    assert result.returncode == 75
+    assert "standard input is not open" in result.stderr.decode()
+    assert b"Traceback" not in result.stderr
+
+
+def test_rmail_quarantine_unwritable_exits_75(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    folder = blocker / "quarantine"  # below a file, so it cannot be created
+    result = rmail([f"--quarantine={folder}"], stdin=b"Subject: x\n\n",
+                   target=f"maildir:{tmp_path}")
+    assert result.returncode == 75
+    text = result.stderr.decode()
+    assert f"cannot write to quarantine folder {folder}" in text
+    assert "line 1: no block" in text
+    assert b"Traceback" not in result.stderr
+
+
+def test_rmail_repeated_recipient_delivered_once(tmp_path: Path) -> None:
+    data = (
+        b"X-Mailfeed-Sender: a@example.net\nX-Mailfeed-Recipient-Number: 3\n"
+        b"X-Mailfeed-Recipient-Address: b@example.org\n"
+        b"X-Mailfeed-Recipient-Address: c@example.org\n"
+        b"X-Mailfeed-Recipient-Address: b@example.org\n"
+        b"Subject: x\n\nbody\n"
+    )
+    result = rmail([f"--target=maildir:{tmp_path}"], stdin=data)
+    assert result.returncode == 0, result.stderr
+    delivered = [path.parent.parent.name for path in maildir_files(tmp_path)]
+    assert sorted(delivered) == ["b@example.org", "c@example.org"]

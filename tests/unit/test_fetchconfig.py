@@ -88,3 +88,12 @@ def test_password_file(tmp_path: Path) -> None:
     secret.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_fetch_config(site)
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_source_name_cannot_leave_quarantine(name: str) -> None:
+    # The name is a directory under the quarantine root.
+    source = {"name": name, "host": "h", "user": "u", "password": "p"}
+    with pytest.raises(ConfigError) as info:
+        parse_fetch_config("/etc/site.toml", with_changes(source=[source]))
+    assert f"source[0].name = {name!r}" in str(info.value)

@@ -129,17 +129,6 @@ def open_maildir(path: Path) -> None:
     MaildirFds(path).close()
 
 
-def _create_tmp(fds: MaildirFds) -> tuple[str, int]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(MAX_NAME_ATTEMPTS):
-        name = unique_name()
-        try:
-            return name, os.open(name, flags, FILE_MODE, dir_fd=fds.tmp_fd)
-        except FileExistsError:
-            continue
-    raise TempFailure(f"cannot create a unique file in {fds.path / 'tmp'}")
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -157,9 +146,22 @@ def deliver(path: Path, prepared: PreparedMessage) -> Path:
 
 
 def _deliver(fds: MaildirFds, prepared: PreparedMessage) -> Path:
-    tmp_name, fd = _create_tmp(fds)
+    # The tmp name is set before the file is created, so an exception raised
+    # by a signal handler right after the open still finds the file to unlink.
+    tmp_name = ""
+    fd = -1
     new_name: str | None = None
     try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(MAX_NAME_ATTEMPTS):
+            tmp_name = unique_name()
+            try:
+                fd = os.open(tmp_name, flags, FILE_MODE, dir_fd=fds.tmp_fd)
+                break
+            except FileExistsError:
+                tmp_name = ""  # another writer's file: never unlink it
+        else:
+            raise TempFailure(f"cannot create a unique file in {fds.path / 'tmp'}")
         fault_point("maildir.after_tmp_open")
         first = True
         for chunk in prepared.chunks():
@@ -171,17 +173,17 @@ def _deliver(fds: MaildirFds, prepared: PreparedMessage) -> Path:
         os.fsync(fd)
         fault_point("maildir.after_fsync")
 
-        name = f"{tmp_name},S={prepared.size},W={prepared.wsize}"
-        os.link(tmp_name, name, src_dir_fd=fds.tmp_fd, dst_dir_fd=fds.new_fd,
+        new_name = f"{tmp_name},S={prepared.size},W={prepared.wsize}"
+        os.link(tmp_name, new_name, src_dir_fd=fds.tmp_fd, dst_dir_fd=fds.new_fd,
                 follow_symlinks=False)
-        new_name = name
         fault_point("maildir.after_link")
         os.unlink(tmp_name, dir_fd=fds.tmp_fd)
         tmp_name = ""
         os.fsync(fds.new_fd)
         fault_point("maildir.after_dir_fsync")
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         if tmp_name:
             _unlink_quietly(tmp_name, fds.tmp_fd)
         if new_name is not None:
