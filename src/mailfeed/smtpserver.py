@@ -42,7 +42,7 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
 Invariants: nothing is written to a spool before the final ``.`` of DATA.  A
 site's copy contains only that site's recipients.  The reply to DATA is sent
 after storage ends, never before.  A session keeps at most ``DATA_BUFFER_SIZE``
-octets of message data in memory plus about two lines; its temporary file is
+octets of message data in memory plus about two lines.  Its temporary file is
 closed, and so removed, on every path: stored, rejected, failed, disconnected
 or shut down.
 """
