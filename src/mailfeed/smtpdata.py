@@ -8,7 +8,7 @@ with :func:`tempfile.TemporaryFile`, which on Linux opens it with
 ``O_TMPFILE``, so it has no name and the kernel frees it when it is closed,
 even when the process is killed.
 
-Per line, :meth:`MessageData.receive` does what RFC 5321 asks of a receiver:
+Per line, :meth:`MessageData.receive` applies the receiver rules of RFC 5321:
 
 * DATA ends only at a line that is exactly ``.<CRLF>`` (section 4.1.1.4).
   Lines end at CRLF only, so ``<LF>.<LF>``, ``<CR>.<LF>`` and ``<LF>.<CRLF>``
