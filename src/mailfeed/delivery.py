@@ -55,7 +55,7 @@ from typing import BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from mailfeed.envelope import Envelope
-from mailfeed.errors import EX_OK, EX_TEMPFAIL, ConfigError
+from mailfeed.errors import EX_OK, EX_TEMPFAIL, ChildStatus, ConfigError, classify_exit_status
 
 __all__ = [
     "CHUNK_SIZE",
@@ -574,8 +574,10 @@ SENDMAIL_NULL_SENDER = "<>"
 class SendmailTarget:
     """Deliver by running ``sendmail -i -f SENDER -- RCPT...``.
 
-    The exit status applies to all recipients: 0 (EX_OK) is delivered, 75
-    (EX_TEMPFAIL) or death by a signal is deferred, any other status failed.
+    The exit status applies to all recipients, classified by
+    :func:`mailfeed.errors.classify_exit_status`: 0 (EX_OK) is delivered; a
+    temporary status (75, 71, death by a signal, a status outside sysexits
+    such as 1) is deferred; any other sysexits code failed.
     The message goes to the program's stdin with LF line ends.
     """
 
@@ -640,10 +642,11 @@ class SendmailTarget:
                 Outcome.DEFERRED,
                 f"{self.path} exited 0 but did not read the message: {write_error}",
             )
-        if status == EX_OK:
+        verdict = classify_exit_status(status)
+        if verdict is ChildStatus.OK:
             return status, Outcome.DELIVERED, f"{self.path} exited 0{suffix}"
-        if status == EX_TEMPFAIL:
-            return status, Outcome.DEFERRED, f"{self.path} exited {status} (EX_TEMPFAIL){suffix}"
+        if verdict is ChildStatus.TEMPORARY:
+            return status, Outcome.DEFERRED, f"{self.path} exited {status} (temporary){suffix}"
         return status, Outcome.FAILED, f"{self.path} exited {status}{suffix}"
 
 

@@ -198,7 +198,8 @@ def test_pipe_streams_block_and_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("script", "code"), [("exit 75", 75), ("exit 67", 67), ("exit 1", 75), ("kill -9 $$", 75)]
+    ("script", "code"),
+    [("exit 75", 75), ("exit 71", 75), ("exit 67", 67), ("exit 1", 75), ("kill -9 $$", 75)],
 )
 def test_pipe_exit_status_mapped(tmp_path: Path, script: str, code: int) -> None:
     from mailfeed.errors import exit_code_for
