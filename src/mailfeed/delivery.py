@@ -42,6 +42,7 @@ import errno
 import logging
 import os
 import re
+import selectors
 import signal
 import smtplib
 import socket
@@ -51,7 +52,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from mailfeed.envelope import Envelope
@@ -577,7 +578,9 @@ class SendmailTarget:
     The exit status applies to all recipients, classified by
     :func:`mailfeed.errors.classify_exit_status`: 0 (EX_OK) is delivered; a
     temporary status (75, 71, death by a signal, a status outside sysexits
-    such as 1) is deferred; any other sysexits code failed.
+    such as 1) is deferred; any other sysexits code failed.  ``timeout``
+    bounds the whole run, writing the message included: a program still
+    running then is killed and every recipient is deferred.
     The message goes to the program's stdin with LF line ends.
     """
 
@@ -604,28 +607,38 @@ class SendmailTarget:
                 log.error("failed to run %s: %s", self.path, exc)
                 return EX_TEMPFAIL, Outcome.DEFERRED, f"failed to run {self.path}: {exc}"
             assert proc.stdin is not None
+            # The timeout bounds the whole run, writing included: a program
+            # that never reads its input must not block us once the pipe is full.
             deadline = time.monotonic() + self.timeout
             write_error: OSError | None = None
             try:
-                for chunk in iter_converted(message, crlf=False, stuff=False):
-                    proc.stdin.write(chunk)
-                proc.stdin.close()
+                try:
+                    _feed(proc.stdin, iter_converted(message, crlf=False, stuff=False), deadline)
+                finally:
+                    proc.stdin.close()
+            except TimeoutError:
+                return self._kill(proc)
             except OSError as exc:
                 # BrokenPipeError: the program quit early, and its exit status gives the reason.
                 write_error = exc
             try:
                 status = proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                return (
-                    EX_TEMPFAIL,
-                    Outcome.DEFERRED,
-                    f"{self.path} timed out after {self.timeout:g} s and was killed",
-                )
+                return self._kill(proc)
             errors.seek(0)
             detail = errors.read(2048).decode("utf-8", "replace").strip()
         return self._classify(status, write_error, detail)
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> tuple[int, Outcome, str]:
+        proc.kill()
+        proc.wait()
+        log.warning("killed %s pid %d after the timeout of %g s", self.path, proc.pid,
+                    self.timeout)
+        return (
+            EX_TEMPFAIL,
+            Outcome.DEFERRED,
+            f"{self.path} timed out after {self.timeout:g} s and was killed",
+        )
 
     def _classify(
         self, status: int, write_error: OSError | None, detail: str
@@ -648,6 +661,30 @@ class SendmailTarget:
         if verdict is ChildStatus.TEMPORARY:
             return status, Outcome.DEFERRED, f"{self.path} exited {status} (temporary){suffix}"
         return status, Outcome.FAILED, f"{self.path} exited {status}{suffix}"
+
+
+def _feed(pipe: IO[bytes], chunks: Iterator[bytes], deadline: float) -> None:
+    """Write ``chunks`` to ``pipe`` without blocking past ``deadline`` (monotonic).
+
+    Raise TimeoutError when the reader has not taken everything by then, and
+    BrokenPipeError when it quit.
+    """
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_WRITE)
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                if not selector.select(remaining):
+                    continue
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    continue
 
 
 # --- Maildir ---------------------------------------------------------------
