@@ -144,6 +144,9 @@ class MxDaemon:
         await asyncio.gather(self.smtp.shutdown(grace), self.pop3.shutdown(grace))
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+            # The daemon is already stopping: a repeated signal must not turn
+            # the clean exit into death by signal.
+            signal.signal(signum, signal.SIG_IGN)
         log.info("mailfeed mx stopped")
         return 0
 

@@ -231,6 +231,12 @@ class PasswdFile:
         self._entries = entries
         self._scram_cache: dict[str, ScramCredentials] = {}
         self._decoy = self._make_decoy()
+        # SCRAM needs the stored key or the plain secret: a user whose secret
+        # is a one-way hash such as ARGON2ID can never log in with it.
+        self.scram_for_all = bool(entries) and all(
+            entry.scheme == SCRAM_SCHEME or entry.scheme in PLAIN_SCHEMES
+            for entry in entries.values()
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> PasswdFile:

@@ -579,3 +579,22 @@ def test_stls_unavailable_without_context(server: RunningServer) -> None:
     client.line()
     assert client.command(b"STLS") == b"-ERR STLS is not available on this listener\r\n"
     client.close()
+
+
+def test_scram_hidden_when_a_user_cannot_use_it(site: SiteConfig) -> None:
+    secret = hash_password(PASSWORD, "ARGON2ID")
+    running = start_server({USER: site}, passwd_text=f"{USER}:{secret}\n")
+    try:
+        client = Client(running.port)
+        client.line()
+        client.send(b"CAPA\r\n")
+        capa = client.multiline()
+        assert b"SASL PLAIN\r\n" in capa
+        assert b"SCRAM-SHA-256" not in capa
+        client.send(b"AUTH\r\n")
+        assert client.multiline().endswith(b"\r\nPLAIN\r\n.\r\n")
+        reply = client.command(b"AUTH SCRAM-SHA-256")
+        assert reply.startswith(b"-ERR")
+        client.close()
+    finally:
+        running.stop()

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.peer
 
 CASES = ["H05", "H09", "H11", "H22", "H23"]
 MODES = ["plain", "stls", "tls"]
-CLIENT_TIMEOUT = 60
+CLIENT_TIMEOUT = 180  # seconds; generous because a loaded 2-core CI machine runs two workers
 
 
 def spool_messages() -> list[bytes]:
