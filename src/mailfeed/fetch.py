@@ -28,6 +28,11 @@ Invariants:
   bytes matches a delivered, not expunged record (a mailbox migration) takes
   over that record instead of being delivered again.
 * One source's failure never stops the others.
+* A message whose RETR broke the session (a stall, a dropped connection, the
+  per-message deadline ``limits.timeouts.message``) ``max_retrieve_attempts``
+  times in a row is left on the server and skipped by later sessions (logged
+  once, exit 65), so it cannot stop the rest of the mailbox from draining;
+  ``--retry-quarantined`` clears the count.
 
 Fault points (see :mod:`mailfeed.faults`), in the order a message meets them:
 ``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.after_record``,
@@ -342,6 +347,8 @@ class _Session:
         # Messages to delete: message number -> state row id.
         self.to_delete: dict[int, int] = {}
         self.dele_acked: list[tuple[int, str]] = []
+        # UIDL -> (RETRs in a row that broke a session, the last error).
+        self.failures: dict[str, tuple[int, str]] = {}
 
     # -- logging -----------------------------------------------------------------
 
@@ -377,6 +384,9 @@ class _Session:
         self.entries = dict(sorted(listing.entries.items()))
         self.listed = frozenset(self.entries.values())
         self.records = self.store.get_many(source.name, list(self.entries.values()))
+        if self.fetcher.retry_quarantined:
+            self.store.clear_retrieval_failures(source.name)
+        self.failures = self.store.retrieval_failures(source.name)
         to_retrieve = self._plan()
         if to_retrieve:
             await self._retrieve(to_retrieve)
@@ -410,6 +420,10 @@ class _Session:
             if (status == MessageStatus.QUARANTINED and same_size
                     and not self.fetcher.retry_quarantined):
                 self.report.quarantined += 1
+                self.report.raise_exit(EX_DATAERR)
+                continue
+            if self.failures.get(uidl, (0, ""))[0] >= self.limits.max_retrieve_attempts:
+                self.report.skipped += 1
                 self.report.raise_exit(EX_DATAERR)
                 continue
             if max_size and size is not None and size > max_size:
@@ -458,6 +472,8 @@ class _Session:
         if not result.ok or capped is None:
             self._retrieval_failed(msgnum, uidl, result, capped)
             return
+        if uidl in self.failures:
+            self.store.clear_retrieval_failures(self.source.name, uidl)
         sink = capped.file
         self.report.retrieved += 1
         self.report.octets += result.size
@@ -675,6 +691,18 @@ class _Session:
         log.warning("%s: message %d (UIDL %s) not retrieved, kept on the server: %s",
                     self.sid, msgnum, uidl, error)
         self.report.raise_exit(EX_TEMPFAIL)
+        if result.failure == pop3client.RetrFailure.BROKEN:
+            self._count_broken_retrieval(msgnum, uidl, error)
+
+    def _count_broken_retrieval(self, msgnum: int, uidl: str, error: str) -> None:
+        """Count a RETR that broke the session; log once when the message is given up."""
+        attempts = self.store.add_retrieval_failure(self.source.name, uidl, error)
+        limit = self.limits.max_retrieve_attempts
+        if attempts == limit:
+            log.warning("%s: message %d (UIDL %s) kept on the server and skipped from now on: "
+                        "%d retrievals in a row failed (max_retrieve_attempts = %d), the last: "
+                        "%s; run mailfeed fetch --retry-quarantined to try it again",
+                        self.sid, msgnum, uidl, attempts, limit, error)
 
     async def _delete(self) -> None:
         if not self.to_delete or self.client is None:

@@ -47,6 +47,7 @@ import itertools
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -58,6 +59,7 @@ from mailfeed.scram import ScramClient, ScramError
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",
     "DEFAULT_RETR_WINDOW",
+    "MESSAGE_MIN_RATE",
     "Pop3AuthError",
     "Pop3Client",
     "Pop3Error",
@@ -86,6 +88,10 @@ OK = b"+OK"
 ERR = b"-ERR"
 CRLF = b"\r\n"
 TERMINATION_OCTET = ord(".")
+# Octets per second that a RETR reply must average once Timeouts.message has
+# passed (a 128 kbit/s link): a message of N octets may take
+# message + N / MESSAGE_MIN_RATE seconds from its +OK to its terminator.
+MESSAGE_MIN_RATE = 16 * 1024
 MULTILINE_TERMINATOR = b".\r\n"
 
 # A unique-id is 1 to 70 octets in the range 0x21 to 0x7E (RFC 1939 section 7).
@@ -227,6 +233,9 @@ class Timeouts:
     authentication, and ``command`` the status line of any other command.
     ``data`` is the silence allowed between two chunks of a multi-line reply,
     so a large message may take longer as long as octets keep arriving.
+    ``message`` bounds one RETR reply as a whole, so a server that streams a
+    message without end cannot hold the session: the reply may take
+    ``message`` plus its LIST size divided by :data:`MESSAGE_MIN_RATE` seconds.
     """
 
     connect: float = 30.0
@@ -234,6 +243,7 @@ class Timeouts:
     login: float = 60.0
     command: float = 60.0
     data: float = 120.0
+    message: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -661,6 +671,15 @@ class _BodyOutcome:
     failure: RetrFailure | None = None
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    """When a reply must be complete (``time.monotonic()``) and the seconds it had."""
+
+    at: float
+    seconds: float
+    what: str
+
+
 class _DiscardingSink:
     def write(self, data: bytes) -> int:
         return len(data)
@@ -977,7 +996,9 @@ class Pop3Client:
                 line = line[1:]
             lines.append(_strip_line_end(line))
 
-    async def _read_body(self, write: Callable[[bytes], object]) -> _BodyOutcome:
+    async def _read_body(
+        self, write: Callable[[bytes], object], deadline: _Deadline | None = None
+    ) -> _BodyOutcome:
         """Stream one multi-line body, unstuffed, into ``write``.
 
         Reads up to and including the terminator in every case, so the
@@ -985,21 +1006,23 @@ class Pop3Client:
         max_line_length, a dot-leading line that was not stuffed, a failed
         write) the rest of the body is read and discarded.  Raises
         Pop3Timeout or Pop3ProtocolError (connection closed) and then the
-        session is broken.
+        session is broken; Pop3Timeout of phase ``message`` when ``deadline``
+        passes before the terminator.
         """
         try:
-            return await self._stream_body(write)
+            return await self._stream_body(write, deadline)
         except Pop3Error as exc:
             raise self._fail(exc) from None
         except BaseException:
             self._fail(Pop3ProtocolError("a read was cancelled in the middle of a reply"))
             raise
 
-    async def _stream_body(self, write: Callable[[bytes], object]) -> _BodyOutcome:
+    async def _stream_body(
+        self, write: Callable[[bytes], object], deadline: _Deadline | None
+    ) -> _BodyOutcome:
         conn = self._conn
         buffer = conn.buffer
         limit = conn.max_line_length
-        seconds = self._timeouts.data
         outcome = _BodyOutcome()
         chunks: list[bytes] = []
         chunk_size = 0
@@ -1069,9 +1092,24 @@ class Pop3Client:
                 # An over-long line: drop what has arrived and keep counting.
                 long_line += len(buffer)
                 buffer.clear()
-                await conn.wait_more(0, "data", seconds)
+                await self._wait_body(0, deadline)
                 continue
-            await conn.wait_more(len(buffer), "data", seconds)
+            await self._wait_body(len(buffer), deadline)
+
+    async def _wait_body(self, have: int, deadline: _Deadline | None) -> None:
+        """Wait for more of a body: the data timeout, cut short by ``deadline``."""
+        seconds = self._timeouts.data
+        if deadline is not None:
+            remaining = deadline.at - time.monotonic()
+            if remaining <= seconds:
+                try:
+                    if remaining > 0:
+                        await self._conn.wait_more(have, "message", remaining)
+                        return
+                except Pop3Timeout:
+                    pass
+                raise Pop3Timeout("message", deadline.seconds, deadline.what)
+        await self._conn.wait_more(have, "data", seconds)
 
     @staticmethod
     def _note_long_line(outcome: _BodyOutcome, length: int, limit: int) -> None:
@@ -1382,8 +1420,15 @@ class Pop3Client:
         except BaseException:
             await self._read_body(_DiscardingSink().write)
             raise
+        budget = self._timeouts.message + (expected_size or 0) / MESSAGE_MIN_RATE
+        deadline = _Deadline(
+            time.monotonic() + budget,
+            budget,
+            f"RETR {msgnum} did not end within limits.timeouts.message = "
+            f"{self._timeouts.message:g} s plus {MESSAGE_MIN_RATE} octets/s of its size",
+        )
         try:
-            outcome = await self._read_body(sink.write)
+            outcome = await self._read_body(sink.write, deadline)
         except Pop3Error as exc:
             failed = RetrResult(msgnum, False, 0, f"message {msgnum}: {exc}", RetrFailure.BROKEN)
             return failed, exc
