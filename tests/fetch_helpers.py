@@ -262,7 +262,7 @@ def block_message(sender: str, recipients: Sequence[str], body: bytes) -> bytes:
 def write_config(path: Path, *, pop3_port: int, mta_url: str, state: Path,
                  quarantine: Path, extra_top: str = "", limits: str = "",
                  source_extra: str = "", sources: Sequence[tuple[str, int]] = (),
-                 local_domains: Sequence[str] = ("example.org",)) -> Path:
+                 local_domains: Sequence[str] = ("example.org",), timeouts: str = "") -> Path:
     """Write a fetch configuration for one or more loopback sources."""
     listed = list(sources) or [("mx1", pop3_port)]
     text = (
@@ -272,7 +272,7 @@ def write_config(path: Path, *, pop3_port: int, mta_url: str, state: Path,
         f'dsn_reporting_mta = "site.example.org"\n{extra_top}\n'
         f"[limits]\n{limits}\n"
         "[limits.timeouts]\nconnect = 10\ngreeting = 10\nlogin = 10\ncommand = 10\n"
-        "data = 10\ndelivery = 20\n"
+        f"data = 10\ndelivery = 20\n{timeouts}\n"
     )
     for name, port in listed:
         text += (

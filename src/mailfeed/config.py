@@ -31,6 +31,7 @@ from mailfeed.errors import ConfigError, UnknownSite
 
 __all__ = [
     "DEFAULT_MX_CONFIG",
+    "MX_CONFIG_KEYS",
     "Limits",
     "MxSpoolConfig",
     "Section",
@@ -50,6 +51,13 @@ MAX_SITE_NAME = 64
 # Upper bound of the limits in seconds: one week.  It keeps huge values out
 # of timers such as setitimer, which reject them.
 MAX_SECONDS = 7 * 24 * 3600.0
+
+# The top-level keys and tables of the MX configuration file, which
+# mailfeed-fwd and ``mailfeed mx`` share: the spool (spool_root, limits,
+# sites) and the daemon's own [mx] table (read by mxconfig).  Each program
+# rejects any other key, so a misspelt ``spool_rot`` is an error in both
+# instead of a silent fall-back to the default spool root.
+MX_CONFIG_KEYS = ("spool_root", "limits", "sites", "mx")
 
 T = TypeVar("T")
 
@@ -296,9 +304,16 @@ def parse_site(name: str, section: Section, spool_root: Path) -> SiteConfig:
 def mx_spool_config_from(path: str, data: Mapping[str, Any]) -> tuple[MxSpoolConfig, Section]:
     """Build the spool config from parsed TOML; return the top section too.
 
-    The caller (the MX daemon) may read further tables from the returned
-    section before calling ``check_unknown`` on it.
+    A top-level key outside :data:`MX_CONFIG_KEYS` raises ConfigError.  The
+    caller (the MX daemon) may read further tables from the returned section
+    before calling ``check_unknown`` on it.
     """
+    unknown = sorted(set(data) - set(MX_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown setting {unknown[0]}: the top level may hold only "
+            f"{', '.join(MX_CONFIG_KEYS)}"
+        )
     top = Section(path, data)
     spool_root = Path(top.get_str("spool_root", "/var/spool/mailfeed"))
     if not spool_root.is_absolute():
@@ -327,6 +342,6 @@ def config_path(explicit: str | None) -> str:
 
 
 def load_mx_spool_config(path: str) -> MxSpoolConfig:
-    """Load the MX side's sites and limits, ignoring other top-level tables."""
+    """Load the MX side's sites and limits; the [mx] table is left to mxconfig."""
     config, _top = mx_spool_config_from(path, load_toml(path))
     return config

@@ -8,10 +8,15 @@ other than 0, 71 and 75, so an unexpected failure must map to 75, never to 1.
 Every exception that ends such a program derives from :class:`MailfeedError`
 and carries its exit code; :func:`exit_code_for` is the one place where any
 exception, ours or not, becomes an exit code.
+
+:func:`classify_exit_status` is the other direction: the one rule by which
+mailfeed judges the exit status of a child it runs (a delivery agent of the
+pipe spool, the sendmail delivery target).
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 
 __all__ = [
@@ -21,10 +26,12 @@ __all__ = [
     "EX_NOPERM",
     "EX_NOUSER",
     "EX_OK",
+    "EX_OSERR",
     "EX_SOFTWARE",
     "EX_TEMPFAIL",
     "EX_UNAVAILABLE",
     "EX_USAGE",
+    "ChildStatus",
     "ConfigError",
     "DataError",
     "MailfeedError",
@@ -33,6 +40,7 @@ __all__ = [
     "TempFailure",
     "UnknownSite",
     "UsageError",
+    "classify_exit_status",
     "describe",
     "exit_code_for",
 ]
@@ -44,10 +52,17 @@ EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
+
+# sysexits(3) codes run from EX__BASE (64) to EX__MAX (78).
+SYSEXITS = range(64, 79)
+# The sysexits codes that Postfix's sys_exits table (global/sys_exits.c) gives
+# a 4.x.x status, so its delivery agents retry them: EX_OSERR and EX_TEMPFAIL.
+TEMPORARY_SYSEXITS = frozenset({EX_OSERR, EX_TEMPFAIL})
 
 # errno values that a later retry may clear: the MTA keeps the message queued.
 TRANSIENT_ERRNOS = frozenset(
@@ -115,6 +130,33 @@ class ConfigError(MailfeedError):
     """Invalid or unreadable configuration."""
 
     exit_code = EX_CONFIG
+
+
+class ChildStatus(enum.Enum):
+    """What a child's exit status means for the message it was given."""
+
+    OK = "ok"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+def classify_exit_status(status: int) -> ChildStatus:
+    """Classify a child's exit status as ``subprocess`` reports it.
+
+    * 0: OK;
+    * negative (death by signal ``-status``): TEMPORARY, the child may have
+      been killed by the OOM killer or a shutdown;
+    * EX_OSERR (71) and EX_TEMPFAIL (75): TEMPORARY, as in Postfix and sendmail;
+    * any other sysexits code (64 to 78): PERMANENT, the child said why;
+    * any other status, such as 1 from a crash or a shell error: TEMPORARY.
+      Postfix bounces on such a status; mailfeed keeps the message instead,
+      because a status that names no reason is no proof that a retry fails.
+    """
+    if status == EX_OK:
+        return ChildStatus.OK
+    if status < 0 or status in TEMPORARY_SYSEXITS or status not in SYSEXITS:
+        return ChildStatus.TEMPORARY
+    return ChildStatus.PERMANENT
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -28,6 +28,11 @@ Invariants:
   bytes matches a delivered, not expunged record (a mailbox migration) takes
   over that record instead of being delivered again.
 * One source's failure never stops the others.
+* A message whose RETR broke the session (a stall, a dropped connection, the
+  per-message deadline ``limits.timeouts.message``) ``max_retrieve_attempts``
+  times in a row is left on the server and skipped by later sessions (logged
+  once, exit 65), so it cannot stop the rest of the mailbox from draining;
+  ``--retry-quarantined`` clears the count.
 
 Fault points (see :mod:`mailfeed.faults`), in the order a message meets them:
 ``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.after_record``,
@@ -342,6 +347,8 @@ class _Session:
         # Messages to delete: message number -> state row id.
         self.to_delete: dict[int, int] = {}
         self.dele_acked: list[tuple[int, str]] = []
+        # UIDL -> (RETRs in a row that broke a session, the last error).
+        self.failures: dict[str, tuple[int, str]] = {}
 
     # -- logging -----------------------------------------------------------------
 
@@ -356,6 +363,18 @@ class _Session:
     # -- the session ---------------------------------------------------------
 
     async def run(self) -> None:
+        """The session, step by step; each step is durable before the next starts."""
+        listing = await self._connect_and_list()
+        to_retrieve = self._plan()
+        if to_retrieve:
+            # Per message: RETR -> block -> deliver -> record the outcomes.
+            await self._retrieve(to_retrieve)
+        await self._delete()
+        await self._quit()
+        self._prune(listing)
+
+    async def _connect_and_list(self) -> pop3client.UidlListing:
+        """Connect, log in, read UIDL and LIST, and load the state of the listed UIDLs."""
         source = self.source
         log.info("%s %s: connecting (tls %s)", self.sid, self.peer, source.tls.value)
         self.client = await pop3client.connect(
@@ -377,18 +396,20 @@ class _Session:
         self.entries = dict(sorted(listing.entries.items()))
         self.listed = frozenset(self.entries.values())
         self.records = self.store.get_many(source.name, list(self.entries.values()))
-        to_retrieve = self._plan()
-        if to_retrieve:
-            await self._retrieve(to_retrieve)
-        await self._delete()
-        await self._quit()
+        if self.fetcher.retry_quarantined:
+            self.store.clear_retrieval_failures(source.name)
+        self.failures = self.store.retrieval_failures(source.name)
+        return listing
+
+    def _prune(self, listing: pop3client.UidlListing) -> None:
+        """After QUIT: forget the rows of messages no longer on the server."""
         if listing.defects:
             # A UIDL on a rejected line is still on the server: forgetting it
             # would lose its quarantine mark or its delivered state.
             log.info("%s: %d UIDL lines rejected: nothing pruned this session", self.sid,
                      len(listing.defects))
             return
-        removed = self.store.prune(source.name, self.listed,
+        removed = self.store.prune(self.source.name, self.listed,
                                    retention=self.limits.state_retention)
         if removed:
             log.info("%s: forgot %d messages no longer on the server", self.sid, removed)
@@ -410,6 +431,10 @@ class _Session:
             if (status == MessageStatus.QUARANTINED and same_size
                     and not self.fetcher.retry_quarantined):
                 self.report.quarantined += 1
+                self.report.raise_exit(EX_DATAERR)
+                continue
+            if self.failures.get(uidl, (0, ""))[0] >= self.limits.max_retrieve_attempts:
+                self.report.skipped += 1
                 self.report.raise_exit(EX_DATAERR)
                 continue
             if max_size and size is not None and size > max_size:
@@ -453,12 +478,27 @@ class _Session:
         return sink
 
     async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None) -> None:
+        """One retrieved message: check it, record its recipients, deliver, record outcomes."""
         msgnum = result.msgnum
         uidl = self.entries[msgnum]
         if not result.ok or capped is None:
             self._retrieval_failed(msgnum, uidl, result, capped)
             return
         sink = capped.file
+        digest = self._accept_retrieved(msgnum, uidl, result, sink)
+        checked = self._check_block(msgnum, uidl, digest, sink, result.size)
+        if checked is None:
+            return
+        block, recipients = checked
+        record = self.store.begin_message(self.source.name, uidl, digest, result.size,
+                                          recipients)
+        await self._deliver(msgnum, record, block, sink)
+
+    def _accept_retrieved(self, msgnum: int, uidl: str, result: pop3client.RetrResult,
+                          sink: BinaryIO) -> str:
+        """Count a complete RETR, tie it to its state row; return its digest."""
+        if uidl in self.failures:
+            self.store.clear_retrieval_failures(self.source.name, uidl)
         self.report.retrieved += 1
         self.report.octets += result.size
         listed_size = self.sizes.get(msgnum)
@@ -468,24 +508,27 @@ class _Session:
         digest = file_digest(sink)
         fault_point("fetch.after_retr")
         self._match_record(uidl, digest, result.size)
+        return digest
+
+    def _check_block(self, msgnum: int, uidl: str, digest: str, sink: BinaryIO,
+                     size: int) -> tuple[Block, list[str]] | None:
+        """Read the block; return it and the recipients, or quarantine and return None."""
         try:
             sink.seek(0)
             block = read_block(sink, max_recipients=self.limits.max_recipients,
                                allowed_above=self.config.allowed_above_block)
         except BlockDefect as defect:
             self._quarantine(msgnum, uidl, digest, sink, f"line {defect.line}: {defect.reason}",
-                             result.size)
-            return
+                             size)
+            return None
         recipients = unique_recipients(block.envelope.recipients)
         foreign = [rcpt for rcpt in recipients if not self.config.is_local(rcpt)]
         if foreign:
             reason = (f"recipient {', '.join(foreign)} is outside local_domains "
                       f"({', '.join(self.config.local_domains)})")
-            self._quarantine(msgnum, uidl, digest, sink, reason, result.size)
-            return
-        record = self.store.begin_message(self.source.name, uidl, digest, result.size,
-                                          recipients)
-        await self._deliver(msgnum, record, block, sink)
+            self._quarantine(msgnum, uidl, digest, sink, reason, size)
+            return None
+        return block, recipients
 
     def _match_record(self, uidl: str, digest: str, size: int) -> None:
         """Tie a retrieved message to its state row before its block is read.
@@ -675,6 +718,18 @@ class _Session:
         log.warning("%s: message %d (UIDL %s) not retrieved, kept on the server: %s",
                     self.sid, msgnum, uidl, error)
         self.report.raise_exit(EX_TEMPFAIL)
+        if result.failure == pop3client.RetrFailure.BROKEN:
+            self._count_broken_retrieval(msgnum, uidl, error)
+
+    def _count_broken_retrieval(self, msgnum: int, uidl: str, error: str) -> None:
+        """Count a RETR that broke the session; log once when the message is given up."""
+        attempts = self.store.add_retrieval_failure(self.source.name, uidl, error)
+        limit = self.limits.max_retrieve_attempts
+        if attempts == limit:
+            log.warning("%s: message %d (UIDL %s) kept on the server and skipped from now on: "
+                        "%d retrievals in a row failed (max_retrieve_attempts = %d), the last: "
+                        "%s; run mailfeed fetch --retry-quarantined to try it again",
+                        self.sid, msgnum, uidl, attempts, limit, error)
 
     async def _delete(self) -> None:
         if not self.to_delete or self.client is None:

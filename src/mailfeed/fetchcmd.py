@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more; -v also traces the POP3 dialogue (secrets masked)")
     parser.add_argument("--retry-quarantined", action="store_true",
-                        help="retrieve and check quarantined messages again in this run")
+                        help="retrieve and check quarantined messages again in this run, "
+                        "and messages skipped after max_retrieve_attempts broken retrievals")
 
 
 def run(args: argparse.Namespace) -> int:

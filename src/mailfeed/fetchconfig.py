@@ -19,6 +19,7 @@ A site file looks like this (every key but ``state``, ``quarantine``,
     max_queue_lifetime = 432000     # seconds a recipient may stay deferred before it fails
     pipelining_window = 64          # RETRs in flight at once
     state_retention = 7776000       # seconds a vanished, delivered row is kept
+    max_retrieve_attempts = 5       # broken RETRs in a row before a message is skipped
 
     [limits.timeouts]               # seconds per phase
     connect = 30
@@ -26,6 +27,7 @@ A site file looks like this (every key but ``state``, ``quarantine``,
     login = 60
     command = 60
     data = 120
+    message = 600                   # one RETR: this plus 16 KiB/s of its LIST size
     delivery = 300
 
     [daemon]
@@ -89,6 +91,10 @@ class FetchLimits:
     max_queue_lifetime: float = 5 * 24 * 3600.0
     pipelining_window: int = DEFAULT_RETR_WINDOW
     state_retention: float = 90 * 24 * 3600.0
+    # RETRs of one message in a row that broke the session (a stall, a dropped
+    # connection, timeouts.message) before it is left on the server, so the
+    # rest of the mailbox drains.
+    max_retrieve_attempts: int = 5
     timeouts: Timeouts = field(default_factory=Timeouts)
     delivery_timeout: float = 300.0
 
@@ -143,6 +149,7 @@ def _parse_timeouts(section: Section) -> tuple[Timeouts, float]:
         login=section.get_float("login", defaults.login, minimum=0.1),
         command=section.get_float("command", defaults.command, minimum=0.1),
         data=section.get_float("data", defaults.data, minimum=0.1),
+        message=section.get_float("message", defaults.message, minimum=0.1),
     )
     delivery = section.get_float("delivery", FetchLimits.delivery_timeout, minimum=0.1)
     section.check_unknown()
@@ -164,6 +171,8 @@ def _parse_limits(section: Section) -> FetchLimits:
             "pipelining_window", FetchLimits.pipelining_window, minimum=1, maximum=10_000),
         state_retention=section.get_float(
             "state_retention", FetchLimits.state_retention, minimum=0.0),
+        max_retrieve_attempts=section.get_int(
+            "max_retrieve_attempts", FetchLimits.max_retrieve_attempts, minimum=1),
         timeouts=timeouts,
         delivery_timeout=delivery_timeout,
     )

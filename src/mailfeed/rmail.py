@@ -50,6 +50,7 @@ from mailfeed.delivery import (
     RecipientResult,
     target_from_url,
 )
+from mailfeed.durable import fsync_dir
 from mailfeed.envelope import DEFAULT_MAX_RECIPIENTS, BlockDefect, read_block
 from mailfeed.errors import (
     EX_OK,
@@ -141,14 +142,6 @@ def _copy_input(name: str, spool: BinaryIO) -> None:
         shutil.copyfileobj(source, spool, CHUNK_SIZE)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(folder: Path, name: str, source: BinaryIO) -> Path:
     """Write ``source`` to ``folder/name`` via a hidden temporary file and rename."""
     final = folder / name
@@ -179,7 +172,7 @@ def quarantine(folder: Path, message: BinaryIO, defect: BlockDefect) -> Path:
         path = _write_durably(folder, f"{stem}.eml", message)
         reason = f"line {defect.line}: {defect.reason}\n".encode()
         _write_durably(folder, f"{stem}.reason", io.BytesIO(reason))
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as exc:
         raise TempFailure(
             f"malformed block (line {defect.line}: {defect.reason}) and no copy kept: "

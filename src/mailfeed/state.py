@@ -17,6 +17,11 @@ Tables (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
     one row per (message, recipient): :class:`RecipientOutcome`, the last SMTP
     code and text, whether a DSN is owed (:class:`DsnStatus`), the time of
     the last update.
+``retrieval_failures`` (since version 2)
+    one row per (source, UIDL) whose RETR broke the session (a stall, a
+    dropped connection, the per-message deadline): how many times in a row,
+    the last error.  A successful retrieval deletes the row; after
+    ``max_retrieve_attempts`` the fetcher leaves the message on the server.
 
 Invariants:
 
@@ -61,7 +66,7 @@ __all__ = [
     "StateStore",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Seconds a delivered message that vanished without a confirmed expunge is
 # kept, so that its digest still matches if it reappears under a new UIDL.
 DEFAULT_RETENTION = 90 * 24 * 3600.0
@@ -181,9 +186,21 @@ CREATE TABLE recipients (
 ) WITHOUT ROWID;
 """
 
+_SCHEMA_V2 = """
+CREATE TABLE retrieval_failures (
+    source TEXT NOT NULL,
+    uidl TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (source, uidl)
+) WITHOUT ROWID;
+"""
+
 # Schema migrations: MIGRATIONS[n] takes a file from version n to n + 1.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
     0: lambda db: _run_script(db, _SCHEMA_V1),
+    1: lambda db: _run_script(db, _SCHEMA_V2),
 }
 
 
@@ -345,6 +362,13 @@ class StateStore:
         """Return the failed recipients whose DSN has not been handed over yet."""
         return [r for r in self.recipients(message_id) if r.dsn == DsnStatus.PENDING]
 
+    def retrieval_failures(self, source: str) -> dict[str, tuple[int, str]]:
+        """Return (failed attempts in a row, last error) by UIDL for ``source``."""
+        rows = self.db.execute(
+            "SELECT uidl, attempts, error FROM retrieval_failures WHERE source = ?", (source,)
+        )
+        return {str(uidl): (int(attempts), str(error)) for uidl, attempts, error in rows}
+
     def count(self, source: str | None = None) -> int:
         if source is None:
             row = self.db.execute("SELECT count(*) FROM messages").fetchone()
@@ -485,6 +509,33 @@ class StateStore:
         assert record is not None
         return record
 
+    def add_retrieval_failure(self, source: str, uidl: str, error: str) -> int:
+        """Count one more failed RETR of ``uidl``; return the attempts in a row so far."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO retrieval_failures (source, uidl, attempts, error, updated_at) "
+                "VALUES (?, ?, 1, ?, ?) ON CONFLICT (source, uidl) DO UPDATE SET "
+                "attempts = attempts + 1, error = excluded.error, "
+                "updated_at = excluded.updated_at",
+                (source, uidl, error, self.clock()),
+            )
+            row = self.db.execute(
+                "SELECT attempts FROM retrieval_failures WHERE source = ? AND uidl = ?",
+                (source, uidl),
+            ).fetchone()
+        return int(row[0])
+
+    def clear_retrieval_failures(self, source: str, uidl: str | None = None) -> None:
+        """Forget the failed RETRs of ``uidl``, or of every UIDL of ``source``."""
+        with self._transaction():
+            if uidl is None:
+                self.db.execute("DELETE FROM retrieval_failures WHERE source = ?", (source,))
+            else:
+                self.db.execute(
+                    "DELETE FROM retrieval_failures WHERE source = ? AND uidl = ?",
+                    (source, uidl),
+                )
+
     def forget(self, message_id: int) -> None:
         """Delete a message row and its recipients (its UIDL now names another message)."""
         with self._transaction():
@@ -526,6 +577,11 @@ class StateStore:
             self.db.execute(
                 "UPDATE messages SET vanished_at = NULL WHERE source = ? AND vanished_at IS "
                 "NOT NULL AND uidl IN (SELECT uidl FROM temp.listed)",
+                (source,),
+            )
+            self.db.execute(
+                "DELETE FROM retrieval_failures WHERE source = ? AND uidl NOT IN "
+                "(SELECT uidl FROM temp.listed)",
                 (source,),
             )
             self.db.execute("DELETE FROM temp.listed")

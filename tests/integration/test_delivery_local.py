@@ -78,7 +78,12 @@ def test_sendmail_null_sender_and_dash_recipient(tmp_path: Path) -> None:
     ("75", Outcome.DEFERRED),
     ("67", Outcome.FAILED),
     ("69", Outcome.FAILED),
-    ("1", Outcome.FAILED),
+    ("78", Outcome.FAILED),
+    # One rule with the pipe spool: 71 is temporary in Postfix's sys_exits
+    # table, and a status outside sysexits (a crash, a shell error) defers.
+    ("71", Outcome.DEFERRED),
+    ("1", Outcome.DEFERRED),
+    ("127", Outcome.DEFERRED),
     ("TERM", Outcome.DEFERRED),
 ])
 def test_sendmail_exit_status(tmp_path: Path, status: str, outcome: Outcome) -> None:
@@ -189,3 +194,18 @@ def test_maildir_name_clash_never_replaces(tmp_path: Path, monkeypatch: pytest.M
     [stored] = (tmp_path / "bob@example.org" / "new").iterdir()
     assert stored.read_bytes() == b"first\n"
     assert list((tmp_path / "bob@example.org" / "tmp").iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_sendmail_that_never_reads_is_killed(tmp_path: Path) -> None:
+    # Over the 64 KiB of a pipe buffer: the write blocks unless it is bounded.
+    script = tmp_path / "sendmail"
+    script.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nexec sleep 600\n")
+    script.chmod(0o755)
+    target = SendmailTarget(str(script), timeout=1)
+    results = target.deliver(TWO, io.BytesIO(b"x" * 1000 + b"\n" * 1024 * 1024))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]
+    assert results[0].text == f"{script} timed out after 1 s and was killed"
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -48,15 +48,18 @@ def mta() -> Iterator[RecordingMta]:
 
 
 def run_once(tmp: Path, mailbox: MailboxServer, mta_url: str, *, limits: str = "",
-             quarantine: Path | None = None) -> RunReport:
+             quarantine: Path | None = None, timeouts: str = "",
+             retry_quarantined: bool = False) -> RunReport:
     path = write_config(tmp / "site.toml", pop3_port=mailbox.port, mta_url=mta_url,
                         state=tmp / "state.sqlite",
-                        quarantine=quarantine or tmp / "quarantine", limits=limits)
+                        quarantine=quarantine or tmp / "quarantine", limits=limits,
+                        timeouts=timeouts)
     config = load_fetch_config(path)
     target = target_from_url(config.delivery, timeout=5)
     with StateStore.open(config.state) as store:
         fetcher = Fetcher(config, store, target,
-                          dsn_sender=dsn_sender_for(target, config.dsn_reporting_mta))
+                          dsn_sender=dsn_sender_for(target, config.dsn_reporting_mta),
+                          retry_quarantined=retry_quarantined)
         return asyncio.run(fetcher.run())
 
 
@@ -191,6 +194,48 @@ def test_unstuffed_dot_reason_names_it(tmp_path: Path, mta: RecordingMta) -> Non
     reason = reason_of(tmp_path, "u1") or ""
     assert "byte-stuff" in reason
     assert "max_line_length" not in reason
+
+
+def test_stalled_retr_skipped_after_max_attempts(tmp_path: Path, mta: RecordingMta,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # RETR 2 stops in the middle of its reply, every time: the session breaks at it.
+    mailbox = ScriptedReplies(
+        [(f"u{n}", message_for(f"rcpt{n}@example.org")) for n in (1, 2, 3)],
+        {"RETR 2": b"+OK\r\nX-Mailfeed-Sender: alice@example.net\r\n"},
+    )
+    mailbox.pipelining = False
+
+    def session(*, retry: bool = False) -> RunReport:
+        return run_once(tmp_path, mailbox, mta.url, limits="max_retrieve_attempts = 2",
+                        timeouts="message = 0.5", retry_quarantined=retry)
+
+    def given_up() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "skipped from now on" in r.getMessage()]
+
+    try:
+        first = session()
+        assert first.exit_code == EX_TEMPFAIL
+        assert "RETR 2 did not end within limits.timeouts.message" in (
+            first.sources[0].error or "")
+        assert session().exit_code == EX_TEMPFAIL
+        [line] = given_up()
+        assert "(UIDL u2)" in line
+        assert "2 retrievals in a row failed (max_retrieve_attempts = 2)" in line
+        third = session()
+        assert third.exit_code == EX_DATAERR
+        assert third.sources[0].skipped == 1
+        assert mailbox.uidls() == ["u2"]
+        assert sorted(r for d in mta.deliveries for r in d.recipients) == [
+            "rcpt1@example.org", "rcpt3@example.org"]
+        assert session().exit_code == EX_DATAERR
+        assert len(given_up()) == 1
+        # --retry-quarantined clears the count: u2, now message 1, is tried again.
+        mailbox.replies = {"RETR 1": mailbox.replies["RETR 2"]}
+        assert session(retry=True).exit_code == EX_TEMPFAIL
+        with StateStore.open(tmp_path / "state.sqlite") as store:
+            assert store.retrieval_failures("mx1")["u2"][0] == 1
+    finally:
+        mailbox.close()
 
 
 # -- sizes that lie ----------------------------------------------------------------

@@ -291,3 +291,12 @@ def test_closed_stdin_exit_75(root: Path, closed: str) -> None:
     if "2>&-" not in closed:
         assert "standard input is not open" in one_line(result.stderr)
     assert maildir_files(root) == []
+
+
+def test_misspelt_top_level_key_exit_78(root: Path) -> None:
+    # The MX daemon shares the file, but fwd must not skip a misspelt spool_root.
+    (root / "mx.toml").write_text(f'spool_rot = "{root}"\n[sites.{MAILDIR_SITE}]\n')
+    result = run_fwd(fwd_args(root, MAILDIR_SITE, "", "b@example.org"), MESSAGE)
+    assert result.returncode == 78
+    assert "unknown setting spool_rot" in one_line(result.stderr)
+    assert maildir_files(root) == []

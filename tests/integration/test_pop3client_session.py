@@ -203,6 +203,31 @@ def test_command_and_data_timeouts() -> None:
     run(scenario())
 
 
+def test_retr_streaming_without_end_hits_message_deadline() -> None:
+    async def scenario() -> None:
+        script = Pop3Script.from_messages(mailbox(1))
+        # A line every 20 ms for 20 s: never silent for the data timeout.
+        endless = [Step("send", b"+OK\r\n")]
+        for _ in range(1000):
+            endless += [Step("send", b"more of the same line\r\n"), Step("stall", 0.02)]
+        script.entries.append(Entry(b"RETR 1", None, False, endless))
+        timeouts = Timeouts(data=5, message=0.3)
+        async with ScriptedPop3Server(script) as server:
+            client = await plain_client(server, timeouts=timeouts)
+            await client.login(USER, PASSWORD)
+            results = []
+            with pytest.raises(Pop3Timeout) as caught:
+                async for result in client.retrieve([1], open_sink=lambda n: _sink()):
+                    results.append(result)
+            assert caught.value.phase == "message"
+            assert "RETR 1 did not end within limits.timeouts.message = 0.3 s" in str(
+                caught.value)
+            assert [(r.ok, r.failure) for r in results] == [
+                (False, pop3client.RetrFailure.BROKEN)]
+
+    run(scenario())
+
+
 # -- TLS ------------------------------------------------------------------------
 
 

@@ -198,7 +198,8 @@ def test_pipe_streams_block_and_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("script", "code"), [("exit 75", 75), ("exit 67", 67), ("exit 1", 75), ("kill -9 $$", 75)]
+    ("script", "code"),
+    [("exit 75", 75), ("exit 71", 75), ("exit 67", 67), ("exit 1", 75), ("kill -9 $$", 75)],
 )
 def test_pipe_exit_status_mapped(tmp_path: Path, script: str, code: int) -> None:
     from mailfeed.errors import exit_code_for
@@ -225,6 +226,26 @@ def test_mbox_stale_lock_recovered(tmp_path: Path) -> None:
     lock.write_text(f"{dead} {os.uname().nodename} {len(good)}\n")
     assert recover_stale_lock(site.path)
     assert site.path.read_bytes() == good
+    assert not lock.exists()
+
+
+def test_mbox_death_while_locking_leaves_no_empty_lock(tmp_path: Path) -> None:
+    """A writer killed before the first octet of its dotlock blocks no one."""
+    from mailfeed.spool.mbox import MboxLock
+
+    site = make_site(tmp_path, "mbox")
+    child = os.fork()
+    if child == 0:
+        # Die at the first write, as a SIGKILL would, before the lock holds its pid.
+        os.write = lambda _fd, _data: os._exit(9)  # type: ignore[assignment]
+        MboxLock(site.path, Limits()).acquire()
+        os._exit(0)
+    _pid, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+    lock = tmp_path / "site1.lock"
+    assert not lock.exists() or lock.read_bytes() != b""
+    store_message(site, envelope_of("H19"), io.BytesIO(b"x\n"), Limits(lock_timeout=1.0))
+    assert len(read_back(site)) == 1
     assert not lock.exists()
 
 

@@ -63,3 +63,12 @@ def test_mx_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli.main(["mx", "--config", str(config)]) == 78
     err = capsys.readouterr().err
     assert "mx.smtp_listen: invalid listen address 'nowhere'" in err
+
+
+def test_mx_misspelt_top_level_key_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "mx.toml"
+    config.write_text(f'spool_rot = "{tmp_path}"\n[sites.a]\n')
+    assert cli.main(["mx", "--config", str(config)]) == 78
+    assert f"{config}: unknown setting spool_rot" in capsys.readouterr().err

@@ -43,3 +43,13 @@ def test_site_path_must_name_a_mailbox(path: str) -> None:
 def test_two_sites_one_mailbox_rejected(second: str) -> None:
     with pytest.raises(ConfigError, match="also the mailbox of site 'a'"):
         load(f'spool_root = "/srv"\n[sites.a]\n[sites.b]\n{second}\n')
+
+
+@pytest.mark.parametrize("key", ["spool_rot", "limit", "site", "MX"])
+def test_unknown_top_level_key_rejected(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"mx.toml: unknown setting {key}: the top level"):
+        load(f'spool_root = "/srv"\n{key} = "/srv/x"\n')
+
+
+def test_known_top_level_keys_accepted() -> None:
+    load('spool_root = "/srv"\n[limits]\n[sites.a]\n[mx]\nhostname = "mx.example.org"\n')

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailfeed import delivery
+from mailfeed.delivery import convert as convert_module
 from mailfeed.delivery import iter_converted
 
 
@@ -55,12 +55,12 @@ def test_lf_form_examples(data: bytes, expected: bytes) -> None:
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=7),
        st.booleans(), st.booleans())
 def test_chunked_equals_whole(data: bytes, chunk: int, crlf: bool, stuff: bool) -> None:
-    original = delivery.CHUNK_SIZE
-    delivery.CHUNK_SIZE = chunk
+    original = convert_module.CHUNK_SIZE
+    convert_module.CHUNK_SIZE = chunk
     try:
         got = convert(data, crlf=crlf, stuff=stuff)
     finally:
-        delivery.CHUNK_SIZE = original
+        convert_module.CHUNK_SIZE = original
     assert got == reference(data, crlf=crlf, stuff=stuff)
 
 
@@ -70,10 +70,10 @@ LINE_END_HEAVY = st.lists(st.sampled_from([b"\r", b"\n", b".", b"a"]), max_size=
 
 @given(LINE_END_HEAVY, st.integers(min_value=1, max_value=5))
 def test_chunk_boundaries_line_ends(data: bytes, chunk: int) -> None:
-    original = delivery.CHUNK_SIZE
-    delivery.CHUNK_SIZE = chunk
+    original = convert_module.CHUNK_SIZE
+    convert_module.CHUNK_SIZE = chunk
     try:
         got = convert(data, crlf=True, stuff=True)
     finally:
-        delivery.CHUNK_SIZE = original
+        convert_module.CHUNK_SIZE = original
     assert got == reference(data, crlf=True, stuff=True)

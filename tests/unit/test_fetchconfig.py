@@ -39,6 +39,14 @@ def test_defaults() -> None:
     assert config.daemon.interval == 300
 
 
+def test_retrieve_limits() -> None:
+    assert parse_fetch_config("/etc/site.toml", MINIMAL).limits.max_retrieve_attempts == 5
+    assert parse_fetch_config("/etc/site.toml", MINIMAL).limits.timeouts.message == 600
+    data = with_changes(limits={"max_retrieve_attempts": 2, "timeouts": {"message": 30}})
+    limits = parse_fetch_config("/etc/site.toml", data).limits
+    assert (limits.max_retrieve_attempts, limits.timeouts.message) == (2, 30)
+
+
 def test_starttls_default_port() -> None:
     source = dict(MINIMAL["source"][0], tls="starttls")  # type: ignore[index]
     config = parse_fetch_config("/etc/site.toml", with_changes(source=[source]))
@@ -60,6 +68,8 @@ def test_starttls_default_port() -> None:
          "source[1].name = 'a': used twice"),
         ({"daemon": {"interval": 600, "backoff_max": 60}}, "daemon.backoff_max = 60"),
         ({"allowed_above_block": ["Return Path"]}, "allowed_above_block"),
+        ({"limits": {"max_retrieve_attempts": 0}}, "limits.max_retrieve_attempts = 0"),
+        ({"limits": {"timeouts": {"message": 0}}}, "limits.timeouts.message = 0"),
     ],
 )
 def test_errors_name_key_and_value(changes: dict[str, object], expected: str) -> None:

@@ -88,6 +88,40 @@ def test_second_open_is_locked(tmp_path: Path) -> None:
     StateStore.open(tmp_path / "s.db").close()
 
 
+def test_schema_1_upgraded_keeps_rows(tmp_path: Path) -> None:
+    from mailfeed.state import _SCHEMA_V1, _run_script
+
+    path = tmp_path / "s.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    _run_script(db, _SCHEMA_V1)
+    db.execute("INSERT INTO messages (source, uidl, digest, size, first_seen, status, "
+               "updated_at) VALUES ('s1', 'u1', 'd1', 10, 1.0, 'final', 1.0)")
+    db.execute("PRAGMA user_version = 1")
+    db.close()
+    with StateStore.open(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        record = store.get("s1", "u1")
+        assert record is not None and record.status == MessageStatus.FINAL
+        assert store.retrieval_failures("s1") == {}
+        assert store.add_retrieval_failure("s1", "u1", "stalled") == 1
+        assert store.add_retrieval_failure("s1", "u1", "reset") == 2
+    with StateStore.open(path) as store:
+        assert store.retrieval_failures("s1") == {"u1": (2, "reset")}
+
+
+def test_retrieval_failures_cleared_and_pruned(store: StateStore) -> None:
+    for uidl in ("u1", "u2", "u3"):
+        store.add_retrieval_failure("s1", uidl, "stalled")
+    store.add_retrieval_failure("s2", "u1", "stalled")
+    store.clear_retrieval_failures("s1", "u1")
+    assert sorted(store.retrieval_failures("s1")) == ["u2", "u3"]
+    store.prune("s1", ["u3"])
+    assert sorted(store.retrieval_failures("s1")) == ["u3"]
+    store.clear_retrieval_failures("s1")
+    assert store.retrieval_failures("s1") == {}
+    assert store.retrieval_failures("s2") == {"u1": (1, "stalled")}
+
+
 def test_newer_schema_rejected(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "s.db")
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")

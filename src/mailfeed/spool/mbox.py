@@ -7,11 +7,16 @@ are stored as LF; the message ends in LF (one is added if missing) and is
 followed by one empty line.  A reader removes one ``>`` from each line
 matching ``^>+From `` and gets the block and message back with LF line ends.
 
-Locking, in this order: the dotlock ``<mbox>.lock`` (created with O_EXCL),
-then an exclusive fcntl lock (lockf) on the mbox itself, both within
-``Limits.lock_timeout``.  The dotlock contains ``<pid> <hostname> <length>``:
-the length of the mbox before this append, written and fsynced before the
-first octet is appended.
+Locking, in this order: the dotlock ``<mbox>.lock``, then an exclusive
+fcntl lock (lockf) on the mbox itself, both within ``Limits.lock_timeout``.
+The dotlock is made the NFS-safe way: a file with a name of its own
+(``<mbox>.lock.<host>.<pid>.<thread>``) is created and given ``<pid>
+<hostname>``, then link(2)ed to ``<mbox>.lock``; the link count of the own
+file (2) tells whether the link took, even when an NFS reply is lost.  So a
+dotlock never exists without its owner in it, whatever signal arrives.
+Before the first octet is appended, the dotlock is rewritten as ``<pid>
+<hostname> <length>`` (the length of the mbox before this append) and
+fsynced.
 
 Invariants:
 
@@ -331,14 +336,10 @@ class MboxLock:
         return self.mbox_fd
 
     def _dotlock(self, deadline: float) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         delay = LOCK_POLL_MIN
         while True:
-            try:
-                self.lock_fd = os.open(self.lock_name, flags, FILE_MODE, dir_fd=self.dir_fd)
+            if self._link_dotlock():
                 break
-            except FileExistsError:
-                pass
             if _recover(self.path, self.dir_fd, deadline):
                 continue
             if time.monotonic() >= deadline:
@@ -348,7 +349,41 @@ class MboxLock:
                 )
             time.sleep(delay)
             delay = min(delay * 2, LOCK_POLL_MAX)
-        os.write(self.lock_fd, f"{os.getpid()} {_hostname()}\n".encode())
+
+    def _link_dotlock(self) -> bool:
+        """Try once to create the dotlock with its content; True if it is ours.
+
+        On success ``lock_fd`` is open on the dotlock.
+        """
+        own = f"{self.lock_name}.{_hostname()}.{os.getpid()}.{threading.get_ident()}"
+        # A file of this name is a leftover of a dead process or thread that
+        # had our pid and thread id: never a lock.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(own, dir_fd=self.dir_fd)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(own, flags, FILE_MODE, dir_fd=self.dir_fd)
+        try:
+            _write_all(fd, f"{os.getpid()} {_hostname()}\n".encode())
+            try:
+                os.link(own, self.lock_name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                        follow_symlinks=False)
+            except FileExistsError:
+                pass
+            except OSError:
+                # An error may hide a link that took (a lost NFS reply): the
+                # link count decides.
+                if os.fstat(fd).st_nlink != 2:
+                    raise
+        finally:
+            try:
+                if os.fstat(fd).st_nlink == 2:
+                    # Ours, even if an exception is on its way: release() removes it.
+                    self.lock_fd = fd
+                os.unlink(own, dir_fd=self.dir_fd)
+            finally:
+                if self.lock_fd != fd:
+                    os.close(fd)
+        return self.lock_fd == fd
 
     def record_length(self, length: int) -> None:
         """Write the mbox's length before the append into the dotlock, durably."""

@@ -2,13 +2,13 @@
 
 The site's ``command`` (for example ``dovecot-lda -d site1``) runs with the
 block and message streamed on its standard input.  Its exit status decides
-the outcome, following sysexits(3):
+the outcome by :func:`mailfeed.errors.classify_exit_status`:
 
-* 0: stored;
-* 75 (EX_TEMPFAIL), death by a signal, or any status that is not a sysexits
-  code: :class:`~mailfeed.errors.TempFailure`, so the mail stays queued;
-* another sysexits code (64 to 78): :class:`DeliveryAgentError` with that
-  exit code, passed on to our caller unchanged.
+* OK (0): stored;
+* TEMPORARY (75, 71, death by a signal, or any status that is not a sysexits
+  code): :class:`~mailfeed.errors.TempFailure`, so the mail stays queued;
+* PERMANENT (another sysexits code, 64 to 78): :class:`DeliveryAgentError`
+  with that exit code, passed on to our caller unchanged.
 
 Invariant: the agent never outlives :func:`deliver`.  If writing to it fails
 or our caller is interrupted (the deadline), it is killed and reaped.
@@ -20,7 +20,7 @@ import logging
 import subprocess
 from collections.abc import Sequence
 
-from mailfeed.errors import EX_TEMPFAIL, MailfeedError, TempFailure
+from mailfeed.errors import ChildStatus, MailfeedError, TempFailure, classify_exit_status
 from mailfeed.faults import fault_point
 from mailfeed.spool.prepare import PreparedMessage
 
@@ -29,8 +29,6 @@ __all__ = ["FAULT_POINTS", "STDERR_EXCERPT", "DeliveryAgentError", "deliver"]
 log = logging.getLogger(__name__)
 
 FAULT_POINTS = ("pipe.mid_write",)
-# sysexits(3) codes run from EX_USAGE (64) to EX_CONFIG (78).
-SYSEXITS = range(64, 79)
 # Octets of the agent's standard error quoted in an error message.
 STDERR_EXCERPT = 400
 
@@ -87,12 +85,13 @@ def deliver(command: Sequence[str], prepared: PreparedMessage) -> None:
     finally:
         if not finished:
             _kill(proc)
-    if status == 0 and broken:
+    verdict = classify_exit_status(status)
+    if verdict is ChildStatus.OK and broken:
         raise TempFailure(f"delivery agent {command[0]} exited 0 before reading the message")
-    if status == 0:
+    if verdict is ChildStatus.OK:
         return
     message = _describe(command, status, stderr)
-    if status < 0 or status == EX_TEMPFAIL or status not in SYSEXITS:
+    if verdict is ChildStatus.TEMPORARY:
         raise TempFailure(message)
     raise DeliveryAgentError(message, status)
 

@@ -1,37 +1,6 @@
-"""mailfeed's asyncio POP3 client with RFC 2449 PIPELINING.
+"""The POP3 client session: :func:`connect` and :class:`Pop3Client`.
 
-The fetcher drains a site's mailbox through this client.  It is hand-written
-because Python's ``poplib`` does not fit the job.  It blocks the event loop,
-cannot pipeline commands, raises one exception class for every failure,
-rejects lines over 2048 octets, and takes any status beginning with ``+``
-(such as ``+ERR``) for success.
-
-Implemented:
-
-* RFC 1939: USER/PASS, APOP, STAT, LIST, UIDL, RETR, TOP, DELE, QUIT,
-  multi-line replies with byte-stuffing (section 3).
-* RFC 2449: CAPA, PIPELINING (section 6.6), response codes (section 8).
-* RFC 2595 section 4: STLS; RFC 8314: implicit TLS.
-* RFC 5034: AUTH with SASL PLAIN and SCRAM-SHA-256 (RFC 5802, RFC 7677).
-* RFC 3206: the SYS/TEMP, SYS/PERM and AUTH response codes.
-
-Invariants:
-
-* A status line is success only when it is exactly ``+OK`` or ``+OK`` followed
-  by a space and text.  ``-ERR`` is a server error; anything else is a
-  protocol error, after which the session is closed.
-* Replies are read in the order the commands were sent (a queue of pending
-  replies).  A reply whose reader gave up is read and discarded before the
-  next one, so the session never loses sync.
-* No credential leaves the client before TLS is up when TLS is required, and
-  no plaintext credential goes to a host that is not loopback unless the
-  caller sets ``allow_plaintext``.  After STLS, every octet received before
-  the handshake is dropped, so an injected reply is never read.
-* Memory stays flat while retrieving: each message is streamed into the
-  caller's sink; at most one line (bounded by ``max_line_length``) and a
-  read buffer are held.
-* Secrets never reach the trace callback or the log: :func:`mask_secrets` is
-  the one place that hides them.
+See the package docstring for the RFCs implemented and the invariants.
 """
 
 from __future__ import annotations
@@ -45,53 +14,67 @@ import io
 import ipaddress
 import itertools
 import logging
-import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol, cast
+from dataclasses import dataclass
 
-from mailfeed.errors import TempFailure
+from mailfeed.pop3client.auth import (
+    MAX_AUTH_COMMAND_OCTETS,
+    SASL_CANCEL,
+    SASL_CHALLENGE_PREFIX,
+    SASL_PLAIN,
+    _apop_timestamp,
+    _check_argument,
+    mask_secrets,
+)
+from mailfeed.pop3client.body import (
+    MESSAGE_MIN_RATE,
+    SINK_CHUNK,
+    RetrFailure,
+    RetrResult,
+    Sink,
+    _BodyOutcome,
+    _Deadline,
+    _DiscardingSink,
+)
+from mailfeed.pop3client.errors import (
+    Pop3AuthError,
+    Pop3Error,
+    Pop3ProtocolError,
+    Pop3ServerError,
+    Pop3Timeout,
+    Pop3TlsError,
+)
+from mailfeed.pop3client.listing import UidlListing, parse_list_listing, parse_uidl_listing
+from mailfeed.pop3client.transport import (
+    CRLF,
+    MULTILINE_TERMINATOR,
+    TERMINATION_OCTET,
+    _Connection,
+    _display,
+    _LineTooLong,
+    _parse_status,
+    _Pending,
+    _Status,
+    _StreamProtocol,
+    _strip_line_end,
+)
 from mailfeed.scram import MECHANISM as SCRAM_MECHANISM
 from mailfeed.scram import ScramClient, ScramError
 
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",
     "DEFAULT_RETR_WINDOW",
-    "Pop3AuthError",
     "Pop3Client",
-    "Pop3Error",
-    "Pop3ProtocolError",
-    "Pop3ServerError",
-    "Pop3Timeout",
-    "Pop3TlsError",
-    "RetrFailure",
-    "RetrResult",
-    "Sink",
     "Timeouts",
     "TlsMode",
     "TraceCallback",
-    "UidlListing",
     "client_ssl_context",
     "connect",
-    "mask_secrets",
-    "parse_list_listing",
-    "parse_uidl_listing",
 ]
 
-_LOG = logging.getLogger(__name__)
-
-# Status indicators and the multi-line terminator (RFC 1939 section 3).
-OK = b"+OK"
-ERR = b"-ERR"
-CRLF = b"\r\n"
-TERMINATION_OCTET = ord(".")
-MULTILINE_TERMINATOR = b".\r\n"
-
-# A unique-id is 1 to 70 octets in the range 0x21 to 0x7E (RFC 1939 section 7).
-MAX_UNIQUE_ID_OCTETS = 70
-UNIQUE_ID_MIN_OCTET = 0x21
-UNIQUE_ID_MAX_OCTET = 0x7E
+_LOG = logging.getLogger("mailfeed.pop3client")
 
 # Capability names (RFC 2449 section 6, RFC 2595 section 4).
 CAPA_PIPELINING = "PIPELINING"
@@ -99,36 +82,9 @@ CAPA_SASL = "SASL"
 CAPA_STLS = "STLS"
 CAPA_USER = "USER"
 
-# SASL over POP3 (RFC 5034 section 4): a server challenge starts with "+ ",
-# a client cancels with "*", and the AUTH command line with its initial
-# response must fit in 255 octets including CRLF.
-SASL_CHALLENGE_PREFIX = b"+ "
-SASL_CANCEL = "*"
-MAX_AUTH_COMMAND_OCTETS = 255
-SASL_PLAIN = "PLAIN"
-
-# A status line may carry a response code in brackets (RFC 2449 section 8).
-_RESPONSE_CODE = re.compile(r"^\[([A-Za-z0-9/-]+)\]\s*")
-
-# msg-id of RFC 5322 section 3.6.4, the form an APOP timestamp must take
-# (RFC 1939 section 7).
-_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]"
-_DOT_ATOM_TEXT = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
-_NO_FOLD_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"
-_MSG_ID = re.compile(rf"<{_DOT_ATOM_TEXT}@(?:{_DOT_ATOM_TEXT}|{_NO_FOLD_LITERAL})>")
-_ANGLE_TOKEN = re.compile(r"<[^<>]*>")
-
-# Bytes buffered before the client stops reading from the socket; TCP flow
-# control then slows the server down.  A single line may grow the buffer up
-# to max_line_length.
-READ_HIGH_WATER = 256 * 1024
-# Unstuffed octets collected before one write to the sink.
-SINK_CHUNK = 64 * 1024
 # The shortest line limit accepted: RFC 2449 section 4 allows status lines
 # of 512 octets including CRLF.
 MIN_MAX_LINE_LENGTH = 512
-
-MASK = "********"
 
 _session_numbers = itertools.count(1)
 
@@ -143,71 +99,6 @@ DEFAULT_RETR_WINDOW = 64
 TraceCallback = Callable[[str, str], None]
 """Called with ``("C", line)`` for each command sent and ``("S", line)`` for
 each status line received; secrets are already masked."""
-
-
-class Pop3Error(TempFailure):
-    """Base of the client's errors.
-
-    The mail stays on the server whatever went wrong, so every POP3 error is
-    a temporary failure for the program that ends with it.
-    """
-
-
-class Pop3ProtocolError(Pop3Error):
-    """The server broke the protocol; the session is closed.
-
-    Raised for a status line that is neither ``+OK``/``+OK text`` nor
-    ``-ERR...``, a reply cut off before its terminator, a line longer than
-    ``max_line_length`` where no per-message failure is possible, and a
-    connection closed in the middle of a reply.
-    """
-
-
-class Pop3ServerError(Pop3Error):
-    """The server answered ``-ERR``.
-
-    ``command`` is the command (secrets masked), ``text`` the reply text after
-    ``-ERR``, and ``code`` the RFC 2449 section 8 / RFC 3206 response code
-    without brackets (``IN-USE``, ``LOGIN-DELAY``, ``SYS/TEMP``,
-    ``SYS/PERM``, ``AUTH``) or None.
-    """
-
-    def __init__(
-        self, command: str, text: str, code: str | None, *, message: str | None = None
-    ) -> None:
-        self.command = command
-        self.text = text
-        self.code = code
-        if message is None:
-            message = f"POP3 server rejected {command}: -ERR {text}".rstrip()
-        super().__init__(message)
-
-
-class Pop3AuthError(Pop3ServerError):
-    """Authentication failed or no acceptable mechanism is available."""
-
-
-class Pop3TlsError(Pop3Error):
-    """TLS was required but could not be established.
-
-    Raised before any credential is sent: STLS missing from CAPA or refused,
-    a failed handshake or certificate check, or plaintext refused for a host
-    that is not loopback.
-    """
-
-
-class Pop3Timeout(Pop3Error):
-    """The server did not answer within the timeout of one phase.
-
-    ``phase`` is one of ``connect``, ``greeting``, ``login``, ``command`` or
-    ``data``; ``seconds`` is the timeout that expired.  The session is closed.
-    """
-
-    def __init__(self, phase: str, seconds: float, detail: str = "") -> None:
-        self.phase = phase
-        self.seconds = seconds
-        message = f"POP3 {phase} timed out after {seconds:g} s"
-        super().__init__(f"{message}: {detail}" if detail else message)
 
 
 class TlsMode(enum.Enum):
@@ -227,6 +118,9 @@ class Timeouts:
     authentication, and ``command`` the status line of any other command.
     ``data`` is the silence allowed between two chunks of a multi-line reply,
     so a large message may take longer as long as octets keep arriving.
+    ``message`` bounds one RETR reply as a whole, so a server that streams a
+    message without end cannot hold the session: the reply may take
+    ``message`` plus its LIST size divided by :data:`MESSAGE_MIN_RATE` seconds.
     """
 
     connect: float = 30.0
@@ -234,76 +128,7 @@ class Timeouts:
     login: float = 60.0
     command: float = 60.0
     data: float = 120.0
-
-
-@dataclass(frozen=True)
-class UidlListing:
-    """The parsed reply to UIDL.
-
-    ``entries`` maps message numbers to valid, unique unique-ids.
-    ``defects`` lists each rejected line as ``(raw line, reason)``; a reason
-    names the message number where one could be read.
-    """
-
-    entries: dict[int, str] = field(default_factory=dict)
-    defects: list[tuple[str, str]] = field(default_factory=list)
-
-
-class RetrFailure(enum.Enum):
-    """Why a RETR gave no usable message, so the caller decides without parsing text."""
-
-    SERVER_ERROR = "server-error"  # -ERR to RETR
-    LINE_TOO_LONG = "line-too-long"  # a line over max_line_length
-    UNSTUFFED_DOT = "unstuffed-dot"  # a line starting with a '.' that was not stuffed
-    SIZE_MISMATCH = "size-mismatch"  # the unstuffed size differs from LIST
-    SINK_ERROR = "sink-error"  # the sink's write raised OSError
-    BROKEN = "broken"  # the session broke in the middle of the reply
-
-
-class Sink(Protocol):
-    """The destination of a message's unstuffed octets in :meth:`Pop3Client.retrieve`."""
-
-    def write(self, data: bytes, /) -> object: ...
-
-
-@dataclass(frozen=True)
-class RetrResult:
-    """The outcome of one RETR.
-
-    ``size`` counts the unstuffed octets written to the sink, line ends as
-    sent.  When ``ok`` is False the sink contains an incomplete or doubtful
-    message that the caller must discard; ``error`` gives the reason
-    and ``failure`` its kind.
-    """
-
-    msgnum: int
-    ok: bool
-    size: int
-    error: str | None = None
-    failure: RetrFailure | None = None
-
-
-def mask_secrets(line: str, *, sasl_response: bool = False) -> str:
-    """Return a command line fit for logs and traces.
-
-    Hides the argument of PASS, the digest of APOP, the initial response of
-    AUTH, and a whole SASL response line (``sasl_response=True``) except the
-    cancel line ``*``.
-    """
-    if sasl_response:
-        return line if line in ("", SASL_CANCEL) else MASK
-    verb, sep, rest = line.partition(" ")
-    upper = verb.upper()
-    if upper == "PASS" and sep:
-        return f"{verb} {MASK}"
-    if upper == "APOP" and sep:
-        user = rest.partition(" ")[0]
-        return f"{verb} {user} {MASK}"
-    if upper == "AUTH":
-        mechanism, has_response, _ = rest.partition(" ")
-        if has_response:
-            return f"{verb} {mechanism} {MASK}"
-    return line
+    message: float = 600.0
 
 
 def client_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
@@ -316,109 +141,6 @@ def client_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def parse_uidl_listing(lines: Sequence[bytes]) -> UidlListing:
-    """Parse the unstuffed lines of a UIDL reply (without line ends).
-
-    Never raises.  A line is defective when its message number is not a
-    positive decimal number, its unique-id is missing, longer than 70 octets,
-    contains octets outside 0x21-0x7E, or is followed by more text.  When two
-    lines share a message number or a unique-id, every one of them is
-    defective, because the client cannot tell which one is true.
-    """
-    defects: list[tuple[str, str]] = []
-    candidates: list[tuple[int, str, str]] = []
-    numbers_seen: collections.Counter[int] = collections.Counter()
-
-    for line in lines:
-        raw = _display(line)
-        parts = line.split()
-        if not parts:
-            defects.append((raw, "empty UIDL line"))
-            continue
-        if not parts[0].isdigit() or int(parts[0]) == 0:
-            reason = "message number is not a positive decimal number"
-            defects.append((raw, f"UIDL line {raw!r} unparseable: {reason}"))
-            continue
-        msgnum = int(parts[0])
-        numbers_seen[msgnum] += 1
-        unique_id_defect = _unique_id_defect(parts)
-        if unique_id_defect is not None:
-            defects.append((raw, f"message {msgnum}: {unique_id_defect}"))
-            continue
-        candidates.append((msgnum, parts[1].decode("ascii"), raw))
-
-    owners: dict[str, list[int]] = collections.defaultdict(list)
-    for msgnum, unique_id, _ in candidates:
-        owners[unique_id].append(msgnum)
-
-    entries: dict[int, str] = {}
-    for msgnum, unique_id, raw in candidates:
-        if numbers_seen[msgnum] > 1:
-            defects.append((raw, f"message {msgnum}: listed more than once"))
-        elif len(owners[unique_id]) > 1:
-            numbers = _join_numbers(owners[unique_id])
-            defects.append((raw, f"messages {numbers}: duplicate unique-id {unique_id}"))
-        else:
-            entries[msgnum] = unique_id
-    return UidlListing(entries=entries, defects=defects)
-
-
-def parse_list_listing(lines: Sequence[bytes]) -> tuple[dict[int, int], list[tuple[str, str]]]:
-    """Parse the unstuffed lines of a LIST reply into sizes and defects.
-
-    Never raises.  A message listed twice is dropped with both lines.
-    """
-    defects: list[tuple[str, str]] = []
-    sizes: dict[int, int] = {}
-    numbers_seen: collections.Counter[int] = collections.Counter()
-    parsed: list[tuple[int, int, str]] = []
-    for line in lines:
-        raw = _display(line)
-        parts = line.split()
-        if len(parts) < 2 or not parts[0].isdigit() or not parts[1].isdigit():
-            defects.append((raw, f"LIST line {raw!r} unparseable: expected 'msgnum size'"))
-            continue
-        msgnum = int(parts[0])
-        numbers_seen[msgnum] += 1
-        parsed.append((msgnum, int(parts[1]), raw))
-    for msgnum, size, raw in parsed:
-        if numbers_seen[msgnum] > 1:
-            defects.append((raw, f"message {msgnum}: listed more than once"))
-        else:
-            sizes[msgnum] = size
-    return sizes, defects
-
-
-def _unique_id_defect(parts: list[bytes]) -> str | None:
-    if len(parts) == 1:
-        return "no unique-id"
-    if len(parts) > 2:
-        return "unexpected text after the unique-id"
-    unique_id = parts[1]
-    if len(unique_id) > MAX_UNIQUE_ID_OCTETS:
-        return f"unique-id longer than {MAX_UNIQUE_ID_OCTETS} octets ({len(unique_id)})"
-    if any(not UNIQUE_ID_MIN_OCTET <= octet <= UNIQUE_ID_MAX_OCTET for octet in unique_id):
-        return "unique-id contains octets outside 0x21-0x7E"
-    return None
-
-
-def _join_numbers(numbers: Sequence[int]) -> str:
-    texts = [str(number) for number in numbers]
-    return ", ".join(texts[:-1]) + " and " + texts[-1]
-
-
-def _display(line: bytes) -> str:
-    return line.decode("utf-8", "backslashreplace")
-
-
-def _strip_line_end(line: bytes) -> bytes:
-    if line.endswith(CRLF):
-        return line[:-2]
-    if line.endswith(b"\n"):
-        return line[:-1]
-    return line
-
-
 def _is_loopback(host: str) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
@@ -426,244 +148,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _apop_timestamp(greeting: str) -> str | None:
-    """Return the greeting's APOP timestamp when it is a valid msg-id."""
-    tokens = _ANGLE_TOKEN.findall(greeting)
-    if tokens and _MSG_ID.fullmatch(tokens[-1]):
-        return str(tokens[-1])
-    return None
-
-
-def _check_argument(name: str, value: str) -> None:
-    # A CR or LF in an argument would let it smuggle in a second command.
-    if any(char in value for char in "\r\n\0"):
-        raise ValueError(f"{name} contains CR, LF or NUL; POP3 cannot carry it")
-
-
-@dataclass(frozen=True)
-class _Status:
-    ok: bool
-    text: str
-    code: str | None
-    line: str
-
-
-def _parse_status(line: bytes, command: str) -> _Status:
-    """Parse a status line; raise Pop3ProtocolError unless it is +OK or -ERR."""
-    body = _strip_line_end(line)
-    shown = _display(body)
-    if body == OK:
-        return _Status(True, "", None, shown)
-    if body.startswith(OK + b" "):
-        return _Status(True, _display(body[4:]), None, shown)
-    if body.startswith(ERR):
-        text = _display(body[4:]).strip()
-        match = _RESPONSE_CODE.match(text)
-        code = match.group(1).upper() if match else None
-        return _Status(False, text, code, shown)
-    raise Pop3ProtocolError(
-        f"invalid status line {shown[:200]!r} in reply to {command}: a POP3 status must be"
-        " '+OK', '+OK text' or '-ERR text' (RFC 1939 section 3); closing the session"
-    )
-
-
-class _StreamProtocol(asyncio.Protocol):
-    """Transport callbacks: a receive buffer with flow control, and drain."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.eof = False
-        self.error: BaseException | None = None
-        self._reading_paused = False
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._wake_reader()
-        if len(self.buffer) >= READ_HIGH_WATER and not self._reading_paused:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            self._reading_paused = True
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake_reader()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.error = exc
-        self._wake_reader()
-        self._wake_writer()
-
-    def pause_writing(self) -> None:
-        if self._drain_waiter is None:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        self._wake_writer()
-
-    async def wait_more(self, have: int) -> None:
-        """Wait until the buffer contains more than ``have`` octets or the stream ends."""
-        if len(self.buffer) > have or self.eof:
-            return
-        if self._reading_paused and self.transport is not None:
-            self.transport.resume_reading()
-            self._reading_paused = False
-        self._read_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._read_waiter
-        finally:
-            self._read_waiter = None
-
-    async def drain(self) -> None:
-        if self._drain_waiter is not None:
-            await self._drain_waiter
-
-    def discard_buffer(self) -> int:
-        dropped = len(self.buffer)
-        self.buffer.clear()
-        return dropped
-
-    def _wake_reader(self) -> None:
-        if self._read_waiter is not None and not self._read_waiter.done():
-            self._read_waiter.set_result(None)
-
-    def _wake_writer(self) -> None:
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-class _LineTooLong(Exception):
-    def __init__(self, length: int) -> None:
-        super().__init__(length)
-        self.length = length
-
-
-class _Connection:
-    """Line reading and writing over one transport, with per-phase timeouts."""
-
-    def __init__(self, protocol: _StreamProtocol, max_line_length: int) -> None:
-        self.protocol = protocol
-        self.max_line_length = max_line_length
-
-    @property
-    def buffer(self) -> bytearray:
-        return self.protocol.buffer
-
-    def write(self, data: bytes) -> None:
-        transport = self.protocol.transport
-        if transport is None or transport.is_closing() or self.protocol.eof:
-            raise Pop3ProtocolError("the POP3 connection is closed")
-        transport.write(data)
-
-    async def drain(self, phase: str, seconds: float) -> None:
-        await self._with_timeout(self.protocol.drain(), phase, seconds)
-
-    async def wait_more(self, have: int, phase: str, seconds: float) -> None:
-        """Wait for more octets; raise Pop3Timeout, or Pop3ProtocolError at end of stream."""
-        await self._with_timeout(self.protocol.wait_more(have), phase, seconds)
-        if len(self.buffer) <= have:
-            raise Pop3ProtocolError(self._closed_message())
-
-    async def read_line(self, phase: str, seconds: float) -> bytes:
-        """Return the next line with its line end; raise _LineTooLong past the limit."""
-        buffer = self.buffer
-        scanned = 0
-        while True:
-            end = buffer.find(b"\n", scanned)
-            if end >= 0:
-                if end + 1 > self.max_line_length:
-                    raise _LineTooLong(end + 1)
-                line = bytes(buffer[: end + 1])
-                del buffer[: end + 1]
-                return line
-            if len(buffer) > self.max_line_length:
-                raise _LineTooLong(len(buffer))
-            scanned = len(buffer)
-            await self.wait_more(scanned, phase, seconds)
-
-    async def start_tls(
-        self, context: ssl.SSLContext, server_hostname: str, seconds: float
-    ) -> int:
-        """Upgrade to TLS; return how many buffered plaintext octets were dropped."""
-        # Drop before the first await: loop.start_tls() moves the socket to
-        # the TLS layer synchronously, so no plaintext octet can arrive later.
-        dropped = self.protocol.discard_buffer()
-        transport = self.protocol.transport
-        assert transport is not None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(seconds):
-                new_transport = await loop.start_tls(
-                    transport,
-                    self.protocol,
-                    context,
-                    server_hostname=server_hostname,
-                    ssl_handshake_timeout=seconds,
-                )
-        except TimeoutError:
-            raise Pop3TlsError(f"TLS handshake timed out after {seconds:g} s") from None
-        except (ssl.SSLError, OSError) as exc:
-            raise Pop3TlsError(f"TLS handshake failed: {exc}") from exc
-        if new_transport is None:
-            raise Pop3TlsError("TLS handshake failed: the event loop returned no transport")
-        self.protocol.transport = new_transport
-        return dropped
-
-    def close(self) -> None:
-        transport = self.protocol.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-
-    def abort(self) -> None:
-        transport = self.protocol.transport
-        if transport is not None:
-            transport.abort()
-
-    async def _with_timeout(self, waiter: object, phase: str, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await cast("asyncio.Future[None]", waiter)
-        except TimeoutError:
-            detail = ""
-            if phase == "data" and bytes(self.buffer[-2:]) == b".\r":
-                detail = "the reply ends in '.' and CR without LF, which is not a terminator"
-            raise Pop3Timeout(phase, seconds, detail) from None
-
-    def _closed_message(self) -> str:
-        error = self.protocol.error
-        reason = f" ({error})" if error is not None else ""
-        return f"the POP3 server closed the connection in the middle of a reply{reason}"
-
-
-@dataclass
-class _Pending:
-    """A command whose reply has not been read yet."""
-
-    log_text: str
-    multiline: bool
-    abandoned: bool = False
-
-
-@dataclass
-class _BodyOutcome:
-    size: int = 0
-    defect: str | None = None
-    failure: RetrFailure | None = None
-
-
-class _DiscardingSink:
-    def write(self, data: bytes) -> int:
-        return len(data)
 
 
 async def connect(
@@ -977,7 +461,9 @@ class Pop3Client:
                 line = line[1:]
             lines.append(_strip_line_end(line))
 
-    async def _read_body(self, write: Callable[[bytes], object]) -> _BodyOutcome:
+    async def _read_body(
+        self, write: Callable[[bytes], object], deadline: _Deadline | None = None
+    ) -> _BodyOutcome:
         """Stream one multi-line body, unstuffed, into ``write``.
 
         Reads up to and including the terminator in every case, so the
@@ -985,21 +471,23 @@ class Pop3Client:
         max_line_length, a dot-leading line that was not stuffed, a failed
         write) the rest of the body is read and discarded.  Raises
         Pop3Timeout or Pop3ProtocolError (connection closed) and then the
-        session is broken.
+        session is broken; Pop3Timeout of phase ``message`` when ``deadline``
+        passes before the terminator.
         """
         try:
-            return await self._stream_body(write)
+            return await self._stream_body(write, deadline)
         except Pop3Error as exc:
             raise self._fail(exc) from None
         except BaseException:
             self._fail(Pop3ProtocolError("a read was cancelled in the middle of a reply"))
             raise
 
-    async def _stream_body(self, write: Callable[[bytes], object]) -> _BodyOutcome:
+    async def _stream_body(
+        self, write: Callable[[bytes], object], deadline: _Deadline | None
+    ) -> _BodyOutcome:
         conn = self._conn
         buffer = conn.buffer
         limit = conn.max_line_length
-        seconds = self._timeouts.data
         outcome = _BodyOutcome()
         chunks: list[bytes] = []
         chunk_size = 0
@@ -1069,9 +557,24 @@ class Pop3Client:
                 # An over-long line: drop what has arrived and keep counting.
                 long_line += len(buffer)
                 buffer.clear()
-                await conn.wait_more(0, "data", seconds)
+                await self._wait_body(0, deadline)
                 continue
-            await conn.wait_more(len(buffer), "data", seconds)
+            await self._wait_body(len(buffer), deadline)
+
+    async def _wait_body(self, have: int, deadline: _Deadline | None) -> None:
+        """Wait for more of a body: the data timeout, cut short by ``deadline``."""
+        seconds = self._timeouts.data
+        if deadline is not None:
+            remaining = deadline.at - time.monotonic()
+            if remaining <= seconds:
+                try:
+                    if remaining > 0:
+                        await self._conn.wait_more(have, "message", remaining)
+                        return
+                except Pop3Timeout:
+                    pass
+                raise Pop3Timeout("message", deadline.seconds, deadline.what)
+        await self._conn.wait_more(have, "data", seconds)
 
     @staticmethod
     def _note_long_line(outcome: _BodyOutcome, length: int, limit: int) -> None:
@@ -1382,8 +885,15 @@ class Pop3Client:
         except BaseException:
             await self._read_body(_DiscardingSink().write)
             raise
+        budget = self._timeouts.message + (expected_size or 0) / MESSAGE_MIN_RATE
+        deadline = _Deadline(
+            time.monotonic() + budget,
+            budget,
+            f"RETR {msgnum} did not end within limits.timeouts.message = "
+            f"{self._timeouts.message:g} s plus {MESSAGE_MIN_RATE} octets/s of its size",
+        )
         try:
-            outcome = await self._read_body(sink.write)
+            outcome = await self._read_body(sink.write, deadline)
         except Pop3Error as exc:
             failed = RetrResult(msgnum, False, 0, f"message {msgnum}: {exc}", RetrFailure.BROKEN)
             return failed, exc

@@ -1,0 +1,132 @@
+"""The Maildir delivery target: one Maildir per recipient.
+
+Each copy is written to ``tmp/``, fsynced, linked into ``new/`` under a
+unique name, and ``new/`` is fsynced, so a DELIVERED result survives a
+crash.  A recipient that cannot name a folder safely (``/``, a leading dot,
+NUL, over 255 octets) fails; an I/O error defers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+from mailfeed.delivery.base import (
+    CODE_ADDRESS_REJECTED,
+    CODE_LOCAL_TEMPFAIL,
+    STATUS_BAD_MAILBOX,
+    STATUS_LOCAL_ERROR,
+    STATUS_SYSTEM_FULL,
+    Outcome,
+    RecipientResult,
+)
+from mailfeed.delivery.convert import iter_converted
+from mailfeed.durable import fsync_dir
+from mailfeed.envelope import Envelope
+
+__all__ = ["MAX_MAILDIR_NAME", "MaildirTarget", "maildir_name_error"]
+
+log = logging.getLogger(__name__)
+
+# Longest Maildir folder name, in octets (NAME_MAX on common file systems).
+MAX_MAILDIR_NAME = 255
+
+
+def maildir_name_error(recipient: str) -> str | None:
+    """Return why ``recipient`` cannot name a Maildir folder, or None if it can."""
+    name = recipient.lower()
+    if not name:
+        return "empty name"
+    if "/" in name:
+        return "contains '/'"
+    if name.startswith("."):
+        return "starts with '.'"
+    if "\x00" in name:
+        return "contains NUL"
+    octets = len(name.encode("utf-8", "surrogateescape"))
+    if octets > MAX_MAILDIR_NAME:
+        return f"is {octets} octets, over the limit of {MAX_MAILDIR_NAME}"
+    return None
+
+
+class MaildirTarget:
+    """Deliver into one Maildir per recipient at ``root/<recipient in lower case>``.
+
+    Each copy is written to ``tmp/``, fsynced, renamed into ``new/``, and the
+    ``new/`` folder is fsynced, so a delivered result survives a crash.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self._counter = 0
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+
+    def deliver(self, envelope: Envelope, message: BinaryIO) -> list[RecipientResult]:
+        start = message.tell()
+        results: list[RecipientResult] = []
+        for rcpt in envelope.recipients:
+            message.seek(start)
+            results.append(self._deliver_one(rcpt, message))
+        return results
+
+    def _deliver_one(self, rcpt: str, message: BinaryIO) -> RecipientResult:
+        problem = maildir_name_error(rcpt)
+        if problem is not None:
+            text = f"{STATUS_BAD_MAILBOX} recipient {rcpt!r} is not a valid Maildir name: {problem}"
+            log.warning("%s", text)
+            return RecipientResult(rcpt, Outcome.FAILED, CODE_ADDRESS_REJECTED, text)
+        folder = self.root / rcpt.lower()
+        try:
+            path = self._write(folder, message)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.error("writing to Maildir %s failed: %s", folder, exc)
+            status = STATUS_SYSTEM_FULL if full else STATUS_LOCAL_ERROR
+            # Every write failure is deferred: the folder may be fixed, and a
+            # bounce for a local fault would lose the mail for its recipient.
+            return RecipientResult(
+                rcpt,
+                Outcome.DEFERRED,
+                CODE_LOCAL_TEMPFAIL,
+                f"{status} writing to Maildir {folder} failed: {exc}",
+            )
+        return RecipientResult(rcpt, Outcome.DELIVERED, 250, f"2.0.0 delivered to {path}")
+
+    def _unique_name(self) -> str:
+        self._counter += 1
+        now = time.time()
+        seconds = int(now)
+        micro = int((now - seconds) * 1_000_000)
+        return f"{seconds}.M{micro}P{os.getpid()}Q{self._counter}.{self._host}"
+
+    def _make_folder(self, folder: Path) -> None:
+        if folder.is_symlink():
+            raise OSError(errno.ELOOP, "Maildir folder is a symbolic link", str(folder))
+        for sub in ("tmp", "new", "cur"):
+            (folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _write(self, folder: Path, message: BinaryIO) -> Path:
+        self._make_folder(folder)
+        name = self._unique_name()
+        tmp_path = folder / "tmp" / name
+        new_path = folder / "new" / name
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp_path, flags, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as out:
+                for chunk in iter_converted(message, crlf=False, stuff=False):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            # link, unlike rename, fails with EEXIST instead of replacing a
+            # message that already has this name in new/.
+            os.link(tmp_path, new_path, follow_symlinks=False)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        fsync_dir(folder / "new")
+        return new_path
