@@ -166,8 +166,8 @@ def split_mboxrd(data: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def mbox_form(message: bytes) -> bytes:
-    """Return ``message`` as an mbox stores it: CRLF as LF, ending in LF."""
-    message = message.replace(b"\r\n", b"\n")
+    """Return ``message`` as an mbox stores it: every line end as LF, ending in LF."""
+    message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     return message if message.endswith(b"\n") else message + b"\n"
 
 

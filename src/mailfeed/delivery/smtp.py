@@ -312,9 +312,15 @@ class _SmtpFamilyTarget:
             for index in accepted:
                 state.set(index, code, text, outcome)
             return
+        # The terminator goes out with the last chunk: sent alone after a
+        # large write, Nagle's algorithm would hold it until the peer's
+        # delayed ACK, about 40 ms per message on Linux.
+        previous = b""
         for chunk in iter_converted(message, crlf=True, stuff=True):
-            conn.send(chunk)
-        conn.send(b"." + _CRLF)
+            if previous:
+                conn.send(previous)
+            previous = chunk
+        conn.send(previous + b"." + _CRLF)
         if not self.lmtp:
             code, body = conn.getreply()
             for index in accepted:
@@ -355,6 +361,7 @@ class SmtpTarget(_SmtpFamilyTarget):
         code, text = conn.connect(self.host, self.port)
         if code != 220:
             raise smtplib.SMTPConnectError(code, text)
+        _no_delay(conn)
         return conn
 
 
@@ -369,4 +376,12 @@ class LmtpTarget(_SmtpFamilyTarget):
         code, text = conn.connect(host, self.port) if self.port else conn.connect(host)
         if code != 220:
             raise smtplib.SMTPConnectError(code, text)
+        if self.port:
+            _no_delay(conn)
         return conn
+
+
+def _no_delay(conn: smtplib.SMTP) -> None:
+    """Send each command at once: replies are awaited one by one anyway."""
+    if conn.sock is not None:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

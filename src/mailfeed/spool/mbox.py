@@ -91,7 +91,12 @@ def from_line(sender: str, when: float) -> bytes:
 
 
 class MboxrdEncoder:
-    """Turn a stream of chunks into mboxrd lines: CRLF to LF, ``^>*From `` quoted.
+    """Turn a stream of chunks into mboxrd lines: line ends to LF, ``^>*From `` quoted.
+
+    mbox lines end in LF, so CRLF and a bare CR both become LF.  A bare CR
+    is a line end in the delivered form too (it becomes CRLF on SMTP), so
+    mapping it to LF keeps what the site receives unchanged, whereas keeping
+    it would merge a CR CR LF pair into one line end.
 
     Chunks may split lines anywhere.  :attr:`size` and :attr:`wsize` count
     what a reader gets back after removing the quoting, including the LF
@@ -124,7 +129,7 @@ class MboxrdEncoder:
         if chunk.endswith(b"\r"):
             chunk = chunk[:-1]
             self._pending_cr = True
-        chunk = chunk.replace(b"\r\n", b"\n")
+        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         yield from self._quote(chunk)
 
     def _quote(self, data: bytes) -> Iterator[bytes]:
@@ -171,7 +176,7 @@ class MboxrdEncoder:
         """Yield what is held back, a final LF if missing, and the empty separator line."""
         if self._pending_cr:
             self._pending_cr = False
-            yield from self._quote(b"\r")
+            yield from self._quote(b"\n")
         if self._in_prefix and self._tail:
             self._in_prefix = False
             yield self._count(self._tail)
