@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from mailfeed.durable import fsync_dir
+
 __all__ = ["Quarantine"]
 
 
@@ -77,12 +79,12 @@ class Quarantine:
                 os.link(tmp_copy, final)
             except FileExistsError:
                 return None
-            _sync_dir(folder)
+            fsync_dir(folder)
         finally:
             for leftover in (tmp_copy, tmp_reason):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
-        _sync_dir(folder)
+        fsync_dir(folder)
         return final
 
 
@@ -95,14 +97,6 @@ def _create(path: Path) -> BinaryIO:
 def _sync(out: BinaryIO) -> None:
     out.flush()
     os.fsync(out.fileno())
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _one_line(text: str) -> str:

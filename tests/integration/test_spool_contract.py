@@ -238,7 +238,7 @@ def test_mbox_death_while_locking_leaves_no_empty_lock(tmp_path: Path) -> None:
     if child == 0:
         # Die at the first write, as a SIGKILL would, before the lock holds its pid.
         os.write = lambda _fd, _data: os._exit(9)  # type: ignore[assignment]
-        MboxLock(site.path, Limits()).acquire()
+        MboxLock(site.path, Limits().lock_timeout).acquire()
         os._exit(0)
     _pid, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 9

@@ -12,7 +12,10 @@ Maildir (:mod:`.maildir`)
 mbox (:mod:`.mbox`)
     mboxrd: one ``>`` is removed from body lines matching ``^>+From ``.  The
     mbox is locked (dotlock, then fcntl) only while it is scanned and while
-    it is rewritten, so the MX side can append during a session.
+    it is rewritten, so the MX side can append during a session.  The locks
+    are the spool writer's (:class:`mailfeed.spool.mbox.MboxLock`), so a
+    stale lock left by a crashed writer is recovered, and its partial
+    append cut off, before the scan.
 
 Wire form and sizes (:mod:`.wire`)
     Every bare LF goes out as CRLF, and a last line without a line end gets

@@ -8,12 +8,10 @@ calls them in a thread.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailfeed.config import SiteConfig
@@ -51,14 +49,6 @@ class DropMessage:
 
 def _hashed_uidl(data: bytes) -> str:
     return HASHED_UIDL_PREFIX + hashlib.sha256(data).hexdigest()[:HASHED_UIDL_HEX_DIGITS]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Maildrop(ABC):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailfeed.config import SiteConfig
+from mailfeed.durable import fsync_dir
 from mailfeed.maildrop.base import (
     HASHED_UIDL_PREFIX,
     READ_CHUNK_OCTETS,
@@ -33,7 +34,6 @@ from mailfeed.maildrop.base import (
     DropMessage,
     Maildrop,
     MaildropError,
-    _fsync_dir,
     _hashed_uidl,
 )
 from mailfeed.maildrop.lock import _SessionLock
@@ -178,4 +178,4 @@ class MaildirDrop(Maildrop):
             folders.add(path.parent.name)
             log.debug("site %s: removed %s (%s)", self.site.name, message.uidl, path.name)
         for folder in folders:
-            _fsync_dir(self.path / folder)
+            fsync_dir(self.path / folder)

@@ -4,9 +4,16 @@ Messages start at ``From `` lines; body lines matching ``^>*From `` were
 stored with one extra ``>``, which is removed on the way out.  The writer
 puts one empty line after each message; that line is not part of the
 message.  The session lock is an fcntl lock on ``<mbox>.mailfeed-pop3.lock``
-(plus the in-process guard); the mbox itself is locked (dotlock, then fcntl
-on the file) only while it is scanned and while it is rewritten, so the MX
-side can append during a session.
+(plus the in-process guard); the mbox itself is locked only while it is
+scanned and while it is rewritten, so the MX side can append during a
+session.
+
+The mbox locks are the writer's own (:class:`mailfeed.spool.mbox.MboxLock`):
+the dotlock ``<mbox>.lock`` made by link(2) with ``<pid> <host>`` in it,
+then an exclusive fcntl lock on the mbox.  A dotlock whose owner is gone is
+recovered before the scan exactly as a writer would: the mbox is cut back to
+the length the dead writer recorded, and fsynced, so a partial append is
+never listed or served.
 
 The unique-id is ``~`` followed by 40 hex digits of the SHA-256 of the
 ``From_`` line and the stored message.  The ``From_`` line carries the
@@ -25,38 +32,33 @@ opening the mbox (mailfeed's writer does).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import logging
 import os
-import socket
 import stat
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from mailfeed.config import SiteConfig
+from mailfeed.durable import fsync_dir
+from mailfeed.errors import TempFailure
 from mailfeed.maildrop.base import (
     READ_CHUNK_OCTETS,
     DropMessage,
     Maildrop,
     MaildropError,
-    _fsync_dir,
     _hashed_uidl,
 )
 from mailfeed.maildrop.lock import _SessionLock
 from mailfeed.maildrop.wire import QUOTED_FROM_RE, MessageReader
+from mailfeed.spool.mbox import MboxLock
 
 log = logging.getLogger(__name__)
 
 MBOX_SESSION_LOCK_SUFFIX = ".mailfeed-pop3.lock"
 MBOX_EXPUNGE_TMP_MARK = ".mailfeed-expunge-"
-# A dotlock older than this is taken to be left over from a crashed writer.
-STALE_DOTLOCK_SECONDS = 300.0
+# Seconds to wait for the mbox locks (dotlock and fcntl together).
 DEFAULT_LOCK_TIMEOUT = 30.0
-LOCK_POLL_SECONDS = 0.05
 MBOX_SEPARATOR = b"From "
 
 
@@ -90,74 +92,18 @@ class MboxDrop(Maildrop):
             return _SessionLock(f"mbox:{os.path.realpath(self.path)}", None, self.site.name)
         return _SessionLock(f"mbox:{os.path.realpath(self.path)}", lock_file, self.site.name)
 
-    # -- mbox locks: dotlock first, then fcntl on the mbox itself.
+    # -- mbox locks: the writer's MboxLock (dotlock, then fcntl on the mbox).
 
-    def _dotlock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
-
-    def _take_dotlock(self) -> Path:
-        dotlock = self._dotlock_path()
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fd = os.open(dotlock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                self._break_stale_dotlock(dotlock)
-            else:
-                with os.fdopen(fd, "w") as fp:
-                    fp.write(f"{os.getpid()}@{socket.gethostname()}\n")
-                return dotlock
-            if time.monotonic() >= deadline:
-                raise MaildropError(
-                    f"timed out after {self.lock_timeout:g} s waiting for {dotlock}; remove it "
-                    "if no program is writing the mbox"
-                )
-            time.sleep(LOCK_POLL_SECONDS)
-
-    @staticmethod
-    def _break_stale_dotlock(dotlock: Path) -> None:
+    def _open_locked(self) -> tuple[MboxLock, int] | None:
+        """Take both mbox locks; return them and the mbox fd, or None if there is no mbox."""
+        lock = MboxLock(self.path, self.lock_timeout)
         try:
-            age = time.time() - dotlock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > STALE_DOTLOCK_SECONDS:
-            log.warning("removing stale dotlock %s (%.0f s old)", dotlock, age)
-            dotlock.unlink(missing_ok=True)
-
-    def _lock_mbox_fd(self, fd: int) -> None:
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-            if time.monotonic() >= deadline:
-                raise MaildropError(
-                    f"timed out after {self.lock_timeout:g} s waiting for the fcntl lock "
-                    f"on {self.path}"
-                )
-            time.sleep(LOCK_POLL_SECONDS)
-
-    def _open_locked(self) -> tuple[Path, int] | None:
-        """Take both mbox locks; return the dotlock and an fd, or None if there is no mbox."""
-        dotlock = self._take_dotlock()
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            dotlock.unlink(missing_ok=True)
+            fd = lock.acquire_existing()
+        except TempFailure as exc:
+            raise MaildropError(str(exc)) from exc
+        if fd is None:
             return None
-        except BaseException:
-            dotlock.unlink(missing_ok=True)
-            raise
-        try:
-            self._lock_mbox_fd(fd)
-        except BaseException:
-            os.close(fd)
-            dotlock.unlink(missing_ok=True)
-            raise
-        return dotlock, fd
+        return lock, fd
 
     # -- scanning
 
@@ -168,15 +114,14 @@ class MboxDrop(Maildrop):
             self._scanned_end = 0
             self._scanned_inode = None
             return []
-        dotlock, fd = opened
+        lock, fd = opened
         try:
             info = os.fstat(fd)
             self._scanned_inode = (info.st_dev, info.st_ino)
             with os.fdopen(os.dup(fd), "rb") as fp:
                 return self._parse(fp)
         finally:
-            os.close(fd)
-            dotlock.unlink(missing_ok=True)
+            lock.release(keep_dotlock=False)
 
     def _parse(self, fp: Iterable[bytes]) -> list[DropMessage]:
         messages: list[DropMessage] = []
@@ -226,7 +171,7 @@ class MboxDrop(Maildrop):
         opened = self._open_locked()
         if opened is None:
             raise MaildropError(f"mbox {self.path} has disappeared; nothing removed")
-        dotlock, fd = opened
+        lock, fd = opened
         try:
             info = os.fstat(fd)
             replaced = (info.st_dev, info.st_ino) != self._scanned_inode
@@ -236,9 +181,15 @@ class MboxDrop(Maildrop):
                     "the session; nothing removed"
                 )
             self._rewrite(fd, info, {m.msgnum for m in doomed})
+            log.info(
+                "site %s: mbox %s rewritten without %d messages, keeping %d octets "
+                "appended since the scan", self.site.name, self.path, len(doomed),
+                info.st_size - self._scanned_end)
         finally:
-            os.close(fd)
-            dotlock.unlink(missing_ok=True)
+            # After the rename the fd is on the old inode.  Closing it drops
+            # the fcntl lock, and the dotlock is removed last, so a writer
+            # waiting on the dotlock opens the new file.
+            lock.release(keep_dotlock=False)
 
     def _rewrite(self, fd: int, info: os.stat_result, doomed: set[int]) -> None:
         """Write the kept messages and anything appended since the scan to a new file.
@@ -273,7 +224,7 @@ class MboxDrop(Maildrop):
             raise
         os.close(out)
         os.replace(tmp, self.path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     def _next_start(self, msgnum: int) -> int:
         following = self._entries.get(msgnum + 1)

@@ -28,6 +28,12 @@ Invariants:
   recorded length and removes the lock, so a partial message never survives.
 * The mbox and the lock are opened with O_NOFOLLOW relative to the folder
   that holds them, and the mbox must be a regular file.
+
+Readers use the same locks: the POP3 maildrop (:mod:`mailfeed.maildrop.mbox`)
+takes :class:`MboxLock` with :meth:`MboxLock.acquire_existing` to scan and
+to rewrite the mbox, so a stale lock it meets is recovered (the partial
+append cut off) before it reads a single octet.  Recovery never creates a
+missing mbox.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
@@ -47,6 +54,8 @@ from mailfeed.config import Limits
 from mailfeed.errors import TempFailure
 from mailfeed.faults import fault_point
 from mailfeed.spool.prepare import PreparedMessage, count_bare_lf
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FAULT_POINTS",
@@ -239,6 +248,7 @@ def _is_stale(content: bytes, st: os.stat_result) -> bool:
 
 
 def _lockf(fd: int, deadline: float, shown: Path) -> None:
+    """Take the exclusive fcntl lock on ``fd`` (open for writing), polling until ``deadline``."""
     delay = LOCK_POLL_MIN
     while True:
         try:
@@ -253,8 +263,15 @@ def _lockf(fd: int, deadline: float, shown: Path) -> None:
         delay = min(delay * 2, LOCK_POLL_MAX)
 
 
-def _open_mbox(name: str, dir_fd: int, shown: Path) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+def _open_mbox(name: str, dir_fd: int, shown: Path, *, create: bool = True) -> int:
+    """Open the mbox for appending (``create``: made if missing) or for reading and writing.
+
+    Without ``create``, a missing mbox raises FileNotFoundError.
+    """
+    if create:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    else:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
     except OSError as exc:
@@ -293,9 +310,14 @@ def _recover(path: Path, dir_fd: int, deadline: float) -> bool:
     if seen is None or not _is_stale(*seen):
         return False
     with _recovery_lock:
-        fd = _open_mbox(path.name, dir_fd, path)
         try:
-            _lockf(fd, deadline, path)
+            fd = _open_mbox(path.name, dir_fd, path, create=False)
+        except FileNotFoundError:
+            # The owner died before it opened the mbox: nothing to cut back.
+            fd = -1
+        try:
+            if fd >= 0:
+                _lockf(fd, deadline, path)
             again = _read_lock(lock_name, dir_fd)
             if again is None:
                 return False
@@ -306,34 +328,62 @@ def _recover(path: Path, dir_fd: int, deadline: float) -> bool:
                 or st.st_mtime_ns != seen[1].st_mtime_ns
             ):
                 return False
-            _pid, _host, length = _parse_lock(content)
-            if length is not None and os.fstat(fd).st_size > length:
+            pid, host, length = _parse_lock(content)
+            size = os.fstat(fd).st_size if fd >= 0 else 0
+            if length is not None and size > length:
                 os.ftruncate(fd, length)
                 os.fsync(fd)
+                log.warning(
+                    "mbox %s: cut a partial append back from %d to %d octets "
+                    "(lock owner pid %s on %s is gone)", path, size, length, pid, host)
             os.unlink(lock_name, dir_fd=dir_fd)
+            log.warning("mbox %s: removed the stale dotlock of pid %s on %s", path, pid, host)
             return True
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
 
 class MboxLock:
-    """The dotlock and fcntl lock on one mbox, held while appending."""
+    """The dotlock and fcntl lock on one mbox, held while appending, scanning or rewriting.
 
-    def __init__(self, path: Path, limits: Limits) -> None:
+    ``timeout`` bounds the wait for both locks together, in seconds.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
         self.path = path
-        self.limits = limits
+        self.timeout = timeout
         self.lock_name = path.name + ".lock"
         self.dir_fd = -1
         self.lock_fd = -1
         self.mbox_fd = -1
 
     def acquire(self) -> int:
-        """Take both locks and return the mbox descriptor (opened for appending)."""
-        deadline = time.monotonic() + self.limits.lock_timeout
+        """Take both locks and return the mbox descriptor (opened for appending, created)."""
+        fd = self._acquire(create=True)
+        assert fd is not None
+        return fd
+
+    def acquire_existing(self) -> int | None:
+        """Take both locks and return the mbox opened for reading and writing.
+
+        Return None, holding no lock, when the mbox does not exist.  A stale
+        dotlock met on the way is recovered first, as for a writer.
+        """
+        return self._acquire(create=False)
+
+    def _acquire(self, *, create: bool) -> int | None:
+        deadline = time.monotonic() + self.timeout
         self.dir_fd = _open_parent(self.path)
         try:
             self._dotlock(deadline)
-            self.mbox_fd = _open_mbox(self.path.name, self.dir_fd, self.path)
+            try:
+                self.mbox_fd = _open_mbox(self.path.name, self.dir_fd, self.path, create=create)
+            except FileNotFoundError:
+                if create:
+                    raise
+                self.release(keep_dotlock=False)
+                return None
             _lockf(self.mbox_fd, deadline, self.path)
         except BaseException:
             self.release(keep_dotlock=False)
@@ -349,7 +399,7 @@ class MboxLock:
                 continue
             if time.monotonic() >= deadline:
                 raise TempFailure(
-                    f"timed out after {self.limits.lock_timeout} s waiting for the lock "
+                    f"timed out after {self.timeout:g} s waiting for the lock "
                     f"{self.path.parent / self.lock_name}; if no program holds it, remove it"
                 )
             time.sleep(delay)
@@ -428,7 +478,7 @@ def _mbox_bytes(prepared: PreparedMessage, encoder: MboxrdEncoder) -> Iterable[b
 
 def deliver(path: Path, prepared: PreparedMessage, limits: Limits) -> StoredMbox:
     """Append the prepared message to the mbox at ``path``; see the module invariants."""
-    lock = MboxLock(path, limits)
+    lock = MboxLock(path, limits.lock_timeout)
     fd = lock.acquire()
     keep_dotlock = False
     try:
