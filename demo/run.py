@@ -15,11 +15,14 @@ it needs on 127.0.0.1 and removes it again at the end:
    submitted sender and exactly the recipients of that site;
 6. ``mailfeed fetch`` for each site over POP3S into ``maildir:DIR`` (one
    Maildir per recipient);
-7. a check of every Maildir and every byte, then a report.
+7. a check of every Maildir and every byte, then a report.  Each delivered
+   copy must start with the Return-Path field of its envelope sender and the
+   Delivered-To field of its recipient, which the Maildir target writes.
 
 Exit status 0 only when every recipient received exactly the messages
-addressed to it, once each, byte for byte (in the normalised form described
-in docs/demo.md), and both spools and both quarantines are empty.
+addressed to it, once each, with their envelope senders, byte for byte (in
+the normalised form described in docs/demo.md), and both spools and both
+quarantines are empty.
 
 Every recipient address is made up here and appears in no header of the
 corpus messages, so each one is a blind-copy recipient: only the envelope
@@ -75,6 +78,10 @@ SMTP_TIMEOUT = 120.0
 SEED = 20241204
 
 LINE_END = re.compile(rb"\r\n|\r|\n")
+# The fields the Maildir target writes on top of each copy (RFC 5321 section
+# 4.4 and RFC 9228), each with the line end it ends in.
+RETURN_PATH = re.compile(rb"Return-Path: <(.*)>(?:\r\n|\r|\n)", re.DOTALL)
+DELIVERED_TO = re.compile(rb"Delivered-To: (.*)(?:\r\n|\r|\n)", re.DOTALL)
 
 
 class DemoFailure(Exception):
@@ -449,21 +456,59 @@ def fetch_sites(ws: Workspace) -> list[str]:
     return summaries
 
 
+# (envelope sender, digest of the normalised message)
+CopyKey = tuple[str, str]
+
+
+def read_copy(data: bytes, rcpt: str) -> tuple[str | None, bytes, list[str]]:
+    """Split a delivered file into its envelope sender and the message as submitted.
+
+    The file must start with ``Return-Path: <SENDER>``, then
+    ``Delivered-To:`` naming ``rcpt`` (in any case, as the folder name is in
+    lower case), then the Received field of the MX.  Exactly these three
+    fields are removed.  Returns the sender (None without a Return-Path
+    field), the rest of the file and what is wrong with the three fields.
+    """
+    problems = []
+    field, rest = split_first_field(data)
+    match = RETURN_PATH.fullmatch(field)
+    sender = match.group(1).decode("utf-8", "replace") if match else None
+    if match is None:
+        problems.append("does not start with a Return-Path field")
+    else:
+        data = rest
+    field, rest = split_first_field(data)
+    match = DELIVERED_TO.fullmatch(field)
+    if match is None:
+        problems.append("has no Delivered-To field after Return-Path")
+    else:
+        data = rest
+        if match.group(1).decode("utf-8", "replace").lower() != rcpt:
+            problems.append(f"has Delivered-To {match.group(1)!r}, not the recipient {rcpt}")
+    field, rest = split_first_field(data)
+    if not field.startswith(b"Received: from ") or MX_HOSTNAME.encode() not in field:
+        problems.append(f"has no Received field of {MX_HOSTNAME} after Delivered-To")
+    else:
+        data = rest
+    return sender, data, problems
+
+
 def check_maildirs(ws: Workspace, plan: Sequence[Submission]) -> tuple[list[str], int, int]:
-    """Compare every delivered file with the submitted messages of its recipient.
+    """Compare every delivered file with the submitted messages and senders of its recipient.
 
     Returns the problems, the number of delivered files and their octets.
     """
-    expected: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    expected: dict[str, collections.Counter[CopyKey]] = collections.defaultdict(
+        collections.Counter)
     names: dict[str, str] = {}
     for item in plan:
-        key = digest(item.data)
-        names[key] = item.source.name
+        names[digest(item.data)] = item.source.name
         for rcpt in item.unique_recipients:
-            expected[rcpt][key] += 1
+            expected[rcpt][(item.sender, digest(item.data))] += 1
 
     problems: list[str] = []
-    delivered: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    delivered: dict[str, collections.Counter[CopyKey]] = collections.defaultdict(
+        collections.Counter)
     files = octets = 0
     for site in SITES:
         mail_root = ws.site_dir(site) / "mail"
@@ -475,18 +520,22 @@ def check_maildirs(ws: Workspace, plan: Sequence[Submission]) -> tuple[list[str]
                 data = path.read_bytes()
                 files += 1
                 octets += len(data)
-                received, message = split_first_field(data)
-                if not received.startswith(b"Received: from ") or \
-                        MX_HOSTNAME.encode() not in received:
-                    problems.append(f"{rcpt}/{path.name}: does not start with the Received "
-                                    f"field of {MX_HOSTNAME}")
-                delivered[rcpt][digest(normalise(message))] += 1
+                sender, message, wrong = read_copy(data, rcpt)
+                problems += [f"{rcpt}/{path.name}: {what}" for what in wrong]
+                if sender is not None:
+                    delivered[rcpt][(sender, digest(normalise(message)))] += 1
 
     for rcpt in sorted(set(expected) | set(delivered)):
-        for key, count in (expected[rcpt] - delivered[rcpt]).items():
-            problems.append(f"{rcpt}: {names[key]} missing or changed ({count} copy/copies)")
-        for key, count in (delivered[rcpt] - expected[rcpt]).items():
-            what = f"{names[key]} delivered too often" if key in names else "unknown message"
+        for (sender, key), count in (expected[rcpt] - delivered[rcpt]).items():
+            problems.append(f"{rcpt}: {names[key]} from <{sender}> missing or changed "
+                            f"({count} copy/copies)")
+        for (sender, key), count in (delivered[rcpt] - expected[rcpt]).items():
+            if key not in names:
+                what = f"unknown message from <{sender}>"
+            elif (sender, key) in expected[rcpt]:
+                what = f"{names[key]} delivered too often"
+            else:
+                what = f"{names[key]} delivered with the wrong sender <{sender}>"
             problems.append(f"{rcpt}: {what} ({count} extra)")
     return problems, files, octets
 
@@ -539,7 +588,8 @@ class Report:
             if len(self.problems) > max_problems:
                 lines.append(f"  ... and {len(self.problems) - max_problems} more")
         else:
-            lines.append("OK: every recipient received exactly its messages, once, intact")
+            lines.append("OK: every recipient received exactly its messages, once, intact, "
+                         "with their envelope senders")
         print("\n".join(lines), file=out)
 
 

@@ -107,11 +107,12 @@ def test_maildir_bytes_per_recipient(tmp_path: Path) -> None:
     target = target_from_url(f"maildir:{tmp_path}")
     results = target.deliver(envelope, message)
     assert [r.outcome for r in results] == [Outcome.DELIVERED] * 3
-    expected = case_bytes("H08.eml").replace(b"\r\n", b"\n")
+    original = case_bytes("H08.eml").replace(b"\r\n", b"\n")
     for rcpt in envelope.recipients:
         files = list((tmp_path / rcpt / "new").iterdir())
         assert len(files) == 1
-        assert files[0].read_bytes() == expected
+        trace = f"Return-Path: <{envelope.sender}>\nDelivered-To: {rcpt}\n".encode()
+        assert files[0].read_bytes() == trace + original
         assert list((tmp_path / rcpt / "tmp").iterdir()) == []
 
 
@@ -119,7 +120,46 @@ def test_maildir_lower_case_and_final_lf(tmp_path: Path) -> None:
     envelope = Envelope("alice@example.net", ("Bob@Example.ORG",))
     MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"a\r\nb\rc"))
     [path] = (tmp_path / "bob@example.org" / "new").iterdir()
-    assert path.read_bytes() == b"a\nb\nc\n"
+    # The folder name is in lower case; Delivered-To keeps the envelope's case.
+    assert path.read_bytes() == (b"Return-Path: <alice@example.net>\n"
+                                 b"Delivered-To: Bob@Example.ORG\n"
+                                 b"a\nb\nc\n")
+
+
+def test_maildir_null_sender_return_path(tmp_path: Path) -> None:
+    envelope = Envelope("", ("bob@example.org",))
+    MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"Subject: bounce\r\n\r\nx\r\n"))
+    [path] = (tmp_path / "bob@example.org" / "new").iterdir()
+    assert path.read_bytes() == (b"Return-Path: <>\n"
+                                 b"Delivered-To: bob@example.org\n"
+                                 b"Subject: bounce\n\nx\n")
+
+
+def test_maildir_utf8_and_quoted_addresses(tmp_path: Path) -> None:
+    sender = '"odd sender"@example.net'
+    rcpt = "j\u00f6rg@b\u00fccher.example"
+    envelope = Envelope(sender, (rcpt,))
+    MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b"x\n"))
+    [path] = (tmp_path / rcpt / "new").iterdir()
+    expected = f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\nx\n".encode()
+    assert path.read_bytes() == expected
+
+
+def test_maildir_empty_message_gets_fields(tmp_path: Path) -> None:
+    envelope = Envelope("a@example.net", ("bob@example.org",))
+    MaildirTarget(tmp_path).deliver(envelope, io.BytesIO(b""))
+    [path] = (tmp_path / "bob@example.org" / "new").iterdir()
+    assert path.read_bytes() == b"Return-Path: <a@example.net>\nDelivered-To: bob@example.org\n"
+
+
+def test_maildir_each_copy_names_its_recipient(tmp_path: Path) -> None:
+    recipients = ("bob@example.org", "carol@example.org")
+    MaildirTarget(tmp_path).deliver(Envelope("a@example.net", recipients), io.BytesIO(b"x\n"))
+    for rcpt in recipients:
+        [path] = (tmp_path / rcpt / "new").iterdir()
+        lines = path.read_bytes().split(b"\n")
+        assert lines[1] == f"Delivered-To: {rcpt}".encode()
+        assert sum(line.startswith(b"Delivered-To:") for line in lines) == 1
 
 
 @pytest.mark.parametrize("rcpt", [
@@ -179,7 +219,11 @@ def test_maildir_streams_large_message(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert results[0].outcome is Outcome.DELIVERED
     [written] = (tmp_path / "mail" / "bob@example.org" / "new").iterdir()
-    assert written.stat().st_size == (size // len(line)) * (len(line) - 1)
+    trace = b"Return-Path: <alice@example.net>\nDelivered-To: bob@example.org\n"
+    assert written.stat().st_size == len(trace) + (size // len(line)) * (len(line) - 1)
+    first_line = line.replace(b"\r\n", b"\n")
+    with written.open("rb") as delivered:
+        assert delivered.read(len(trace) + len(first_line)) == trace + first_line
     assert peak < 1024 * 1024, f"peak Python allocation {peak} octets for a {size}-octet message"
 
 
@@ -192,7 +236,7 @@ def test_maildir_name_clash_never_replaces(tmp_path: Path, monkeypatch: pytest.M
     assert first[0].outcome is Outcome.DELIVERED
     assert second[0].outcome is Outcome.DEFERRED
     [stored] = (tmp_path / "bob@example.org" / "new").iterdir()
-    assert stored.read_bytes() == b"first\n"
+    assert stored.read_bytes().endswith(b"\nfirst\n")
     assert list((tmp_path / "bob@example.org" / "tmp").iterdir()) == []
 
 

@@ -47,7 +47,8 @@ def test_demo_subset_arrives_intact(tmp_path: Path) -> None:
     result = run_demo("--limit", str(SUBSET), "--workdir", str(workdir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"messages submitted   {SUBSET}\n" in result.stdout
-    assert "OK: every recipient received exactly its messages, once, intact" in result.stdout
+    assert ("OK: every recipient received exactly its messages, once, intact, "
+            "with their envelope senders") in result.stdout
     assert not workdir.exists(), "the demo left its work folder behind"
 
 
@@ -126,7 +127,8 @@ def make_delivery(demo: ModuleType, tmp_path: Path) -> tuple[object, list[object
             for sub in ("new", "cur", "tmp"):
                 (folder / sub).mkdir(parents=True, exist_ok=True)
             lf = item.data.replace(b"\r\n", b"\n")
-            (folder / "new" / f"{number}.file").write_bytes(received + lf)
+            trace = f"Return-Path: <{item.sender}>\nDelivered-To: {rcpt}\n".encode()
+            (folder / "new" / f"{number}.file").write_bytes(trace + received + lf)
     for site in demo.SITES:
         (ws.site_dir(site) / "mail").mkdir(parents=True, exist_ok=True)
     return ws, plan, ws.site_dir("one") / "mail" / "alice@one.example" / "new"
@@ -146,8 +148,10 @@ def test_check_maildirs_finds_changed_byte(tmp_path: Path) -> None:
     path = alice / "1.file"
     path.write_bytes(path.read_bytes().replace(b"second", b"secOnd"))
     problems, _files, _octets = demo.check_maildirs(ws, plan)
-    assert any("2.eml missing or changed" in p for p in problems), problems
-    assert any("unknown message" in p for p in problems), problems
+    assert problems == [
+        "alice@one.example: 2.eml from <x@y.example> missing or changed (1 copy/copies)",
+        "alice@one.example: unknown message from <x@y.example> (1 extra)",
+    ]
 
 
 def test_check_maildirs_finds_duplicate(tmp_path: Path) -> None:
@@ -158,12 +162,78 @@ def test_check_maildirs_finds_duplicate(tmp_path: Path) -> None:
     assert problems == ["alice@one.example: 1.eml delivered too often (1 extra)"]
 
 
+def split_fields(data: bytes, count: int, demo: ModuleType) -> tuple[list[bytes], bytes]:
+    fields = []
+    for _ in range(count):
+        field, data = demo.split_first_field(data)
+        fields.append(field)
+    return fields, data
+
+
 def test_check_maildirs_finds_missing_received(tmp_path: Path) -> None:
     demo = load_demo()
     ws, plan, alice = make_delivery(demo, tmp_path)
     path = alice / "0.file"
-    _field, rest = demo.split_first_field(path.read_bytes())
-    path.write_bytes(b"Received: from x by other.example\n" + rest)
+    (return_path, delivered_to, _received), rest = split_fields(path.read_bytes(), 3, demo)
+    path.write_bytes(return_path + delivered_to + b"Received: from x by other.example\n" + rest)
     problems, _files, _octets = demo.check_maildirs(ws, plan)
-    assert len(problems) == 1
-    assert "does not start with the Received field" in problems[0]
+    assert len(problems) == 3, problems
+    assert "has no Received field of mx.demo.example" in problems[0]
+    assert "1.eml from <> missing or changed" in problems[1]
+    assert "unknown message from <>" in problems[2]
+
+
+def test_check_maildirs_finds_wrong_sender(tmp_path: Path) -> None:
+    demo = load_demo()
+    ws, plan, alice = make_delivery(demo, tmp_path)
+    path = alice / "0.file"
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <>\n")
+    path.write_bytes(data.replace(b"Return-Path: <>", b"Return-Path: <x@y.example>", 1))
+    problems, _files, _octets = demo.check_maildirs(ws, plan)
+    assert problems == [
+        "alice@one.example: 1.eml from <> missing or changed (1 copy/copies)",
+        "alice@one.example: 1.eml delivered with the wrong sender <x@y.example> (1 extra)",
+    ]
+
+
+def test_check_maildirs_finds_missing_return_path(tmp_path: Path) -> None:
+    demo = load_demo()
+    ws, plan, alice = make_delivery(demo, tmp_path)
+    path = alice / "0.file"
+    _return_path, rest = demo.split_first_field(path.read_bytes())
+    path.write_bytes(rest)
+    problems, _files, _octets = demo.check_maildirs(ws, plan)
+    assert problems[0] == "alice@one.example/0.file: does not start with a Return-Path field"
+    assert "alice@one.example: 1.eml from <> missing or changed (1 copy/copies)" in problems
+
+
+def test_check_maildirs_finds_wrong_delivered_to(tmp_path: Path) -> None:
+    demo = load_demo()
+    ws, plan, alice = make_delivery(demo, tmp_path)
+    path = alice / "1.file"
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"Delivered-To: alice@one.example\n",
+                                  b"Delivered-To: bob@two.example\n", 1))
+    problems, _files, _octets = demo.check_maildirs(ws, plan)
+    assert problems == ["alice@one.example/1.file: has Delivered-To b'bob@two.example', "
+                        "not the recipient alice@one.example"]
+
+
+def test_check_maildirs_delivered_to_any_case(tmp_path: Path) -> None:
+    demo = load_demo()
+    ws, plan, alice = make_delivery(demo, tmp_path)
+    path = alice / "1.file"
+    path.write_bytes(path.read_bytes().replace(b"Delivered-To: alice@", b"Delivered-To: ALICE@"))
+    problems, _files, _octets = demo.check_maildirs(ws, plan)
+    assert problems == []
+
+
+def test_check_maildirs_needs_delivered_to(tmp_path: Path) -> None:
+    demo = load_demo()
+    ws, plan, alice = make_delivery(demo, tmp_path)
+    path = alice / "1.file"
+    (return_path, _delivered_to), rest = split_fields(path.read_bytes(), 2, demo)
+    path.write_bytes(return_path + rest)
+    problems, _files, _octets = demo.check_maildirs(ws, plan)
+    assert problems == ["alice@one.example/1.file: has no Delivered-To field after Return-Path"]

@@ -195,3 +195,58 @@ def test_combine_exit_codes() -> None:
     assert combine_exit_codes([EX_OK, EX_DATAERR]) == EX_DATAERR
     assert combine_exit_codes([EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE]) == EX_TEMPFAIL
     assert combine_exit_codes([EX_TEMPFAIL, EX_NOPERM]) == EX_NOPERM
+
+
+# -- the Maildir target: DSN and quarantine ----------------------------------------
+
+
+def run_into_maildir(tmp: Path, mailbox: MailboxServer, root: Path) -> RunReport:
+    path = write_config(tmp / "site.toml", pop3_port=mailbox.port, mta_url=f"maildir:{root}",
+                        state=tmp / "state.sqlite", quarantine=tmp / "quarantine")
+    config = load_fetch_config(path)
+    target = target_from_url(config.delivery)
+    with StateStore.open(config.state) as store:
+        fetcher = Fetcher(config, store, target,
+                          dsn_sender=dsn_sender_for(target, config.dsn_reporting_mta))
+        return asyncio.run(fetcher.run())
+
+
+def test_maildir_failed_recipient_dsn_fields(tmp_path: Path) -> None:
+    # ".hidden" cannot name a Maildir folder, so that recipient fails.
+    message = block_message("alice@example.net", ["bob@example.org", ".hidden@example.org"],
+                            BODY)
+    mailbox = MailboxServer([("u1", message)])
+    root = tmp_path / "mail"
+    try:
+        report = run_into_maildir(tmp_path, mailbox, root)
+    finally:
+        mailbox.close()
+    assert report.exit_code == EX_UNAVAILABLE
+    assert mailbox.uidls() == []
+    assert sorted(p.name for p in root.iterdir()) == ["alice@example.net", "bob@example.org"]
+    [copy] = (root / "bob@example.org" / "new").iterdir()
+    assert copy.read_bytes() == (b"Return-Path: <alice@example.net>\n"
+                                 b"Delivered-To: bob@example.org\n"
+                                 + BODY.replace(b"\r\n", b"\n"))
+    [dsn] = (root / "alice@example.net" / "new").iterdir()
+    lines = dsn.read_bytes().split(b"\n")
+    assert lines[:2] == [b"Return-Path: <>", b"Delivered-To: alice@example.net"]
+    assert b"Return-Path:" not in b"\n".join(lines[2:])
+    assert b"Delivered-To:" not in b"\n".join(lines[2:])
+    assert b".hidden@example.org" in dsn.read_bytes()
+    assert b"delivery-status" in dsn.read_bytes()
+
+
+def test_maildir_quarantine_copy_unchanged(tmp_path: Path) -> None:
+    raw = b"Subject: no block\r\n\r\nbody\r\n"
+    mailbox = MailboxServer([("u1", raw)])
+    root = tmp_path / "mail"
+    try:
+        report = run_into_maildir(tmp_path, mailbox, root)
+    finally:
+        mailbox.close()
+    assert report.exit_code == EX_DATAERR
+    assert mailbox.uidls() == ["u1"]
+    assert not root.exists() or list(root.iterdir()) == []
+    [copy] = (tmp_path / "quarantine").rglob("*.eml")
+    assert copy.read_bytes() == raw

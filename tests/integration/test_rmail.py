@@ -49,14 +49,19 @@ def test_rmail_h07_message_7_delivered(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     [delivered] = maildir_files(root)
     assert delivered.parent.parent.name == "bob@example.org"
-    assert delivered.read_bytes() == case_bytes("H07.eml").replace(b"\r\n", b"\n")
+    trace = b"Return-Path: <alice@example.net>\nDelivered-To: bob@example.org\n"
+    assert delivered.read_bytes() == trace + case_bytes("H07.eml").replace(b"\r\n", b"\n")
 
 
 def test_rmail_allow_above_return_path(tmp_path: Path) -> None:
     result = rmail(["--allow-above", "Return-Path"], stdin=case_bytes("H07.retr-6.eml"),
                    target=f"maildir:{tmp_path}")
     assert result.returncode == 0, result.stderr
-    assert len(maildir_files(tmp_path)) == 1
+    [delivered] = maildir_files(tmp_path)
+    # The POP3 client's Return-Path above the block is replaced, not kept twice.
+    lines = delivered.read_bytes().split(b"\n")
+    assert lines[:2] == [b"Return-Path: <alice@example.net>", b"Delivered-To: bob@example.org"]
+    assert sum(line.startswith(b"Return-Path:") for line in lines) == 1
 
 
 def test_rmail_quarantine_copy(tmp_path: Path) -> None:
@@ -98,7 +103,10 @@ def test_rmail_failed_recipient_exits_69(tmp_path: Path) -> None:
     result = rmail([], stdin=data, target=f"maildir:{tmp_path}")
     assert result.returncode == 69, result.stderr
     assert ".hidden@example.org" in result.stderr.decode()
-    assert len(maildir_files(tmp_path)) == 1
+    [delivered] = maildir_files(tmp_path)
+    assert delivered.read_bytes() == (b"Return-Path: <alice@example.net>\n"
+                                      b"Delivered-To: bob@example.org\n"
+                                      b"Subject: x\n\nbody\n")
 
 
 def test_rmail_deferred_exits_75(tmp_path: Path) -> None:
@@ -176,3 +184,18 @@ def test_rmail_repeated_recipient_delivered_once(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     delivered = [path.parent.parent.name for path in maildir_files(tmp_path)]
     assert sorted(delivered) == ["b@example.org", "c@example.org"]
+    for path in maildir_files(tmp_path):
+        rcpt = path.parent.parent.name
+        expected = f"Return-Path: <a@example.net>\nDelivered-To: {rcpt}\nSubject: x\n\nbody\n"
+        assert path.read_bytes() == expected.encode()
+
+
+def test_rmail_null_sender_return_path(tmp_path: Path) -> None:
+    data = encode_block(Envelope("", ("Postmaster@example.org",))) + case_bytes("H11.eml")
+    result = rmail([f"--target=maildir:{tmp_path}"], stdin=data)
+    assert result.returncode == 0, result.stderr
+    [delivered] = maildir_files(tmp_path)
+    assert delivered.parent.parent.name == "postmaster@example.org"
+    trace = b"Return-Path: <>\nDelivered-To: Postmaster@example.org\n"
+    original = case_bytes("H11.eml").replace(b"\r\n", b"\n")
+    assert delivered.read_bytes() == trace + original

@@ -17,7 +17,10 @@ order.  Targets are chosen by URL with :func:`target_from_url`:
     ``sendmail -i -f SENDER -- RCPT...`` with the message on stdin, LF line
     ends.  The exit status applies to every recipient.
 ``maildir:/root``
-    One Maildir per recipient at ``root/<recipient in lower case>``.
+    One Maildir per recipient at ``root/<recipient in lower case>``.  Each
+    copy starts with ``Return-Path: <SENDER>`` and ``Delivered-To:
+    RECIPIENT``, as a final delivery agent writes them, because a Maildir
+    file has no other place for the envelope.
 
 The package: :mod:`~mailfeed.delivery.base` (outcomes, results, the
 Target protocol), :mod:`~mailfeed.delivery.convert` (line ends and
@@ -32,7 +35,8 @@ Invariants:
   and bare LF becomes CRLF, a final CRLF is added when missing and lines
   starting with "." are dot-stuffed (RFC 5321 section 4.5.2).  For sendmail
   and Maildir, CRLF and bare CR become LF and a final LF is added when
-  missing.  The message is never parsed.
+  missing.  The message is never parsed.  The Maildir target alone adds
+  header fields: its Return-Path and Delivered-To on top.
 * The null sender is sent as ``MAIL FROM:<>`` and as ``-f <>``; it is never
   replaced by another address.
 * A result is DELIVERED only after the server or program accepted the
@@ -53,7 +57,7 @@ from mailfeed.delivery.base import (
     outcome_for_code,
 )
 from mailfeed.delivery.convert import CHUNK_SIZE, iter_converted
-from mailfeed.delivery.maildir import MaildirTarget, maildir_name_error
+from mailfeed.delivery.maildir import MaildirTarget, maildir_name_error, trace_fields
 from mailfeed.delivery.sendmail import DEFAULT_SENDMAIL, SendmailTarget
 from mailfeed.delivery.smtp import (
     DEFAULT_LMTP_PORT,
@@ -81,6 +85,7 @@ __all__ = [
     "maildir_name_error",
     "outcome_for_code",
     "target_from_url",
+    "trace_fields",
 ]
 
 TARGET_FORMS = (

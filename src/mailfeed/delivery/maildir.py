@@ -1,9 +1,28 @@
 """The Maildir delivery target: one Maildir per recipient.
 
+A Maildir file is the final copy, and nothing downstream can recover its
+envelope, so the target writes the envelope into the file as final
+delivery agents do.  Each copy starts with two header fields, then the
+message with LF line ends::
+
+    Return-Path: <SENDER>          ("<>" for the null sender)
+    Delivered-To: RECIPIENT        (the recipient of this copy)
+
+Return-Path is the field that RFC 5321 section 4.4 has the final delivery
+add, with the reverse-path of MAIL FROM in angle brackets.  Delivered-To
+(RFC 9228) names the envelope recipient of this copy, bare.  Both carry the
+addresses as the envelope has them: the case is kept (only the folder name
+is in lower case), and UTF-8 addresses (RFC 6531) are written as UTF-8
+(RFC 6532).  This is the form that Postfix 3.7's virtual(8) writes into a
+Maildir, less its X-Original-To field.  No Received field is added, because
+the target is not a transfer hop: virtual(8) adds none either, and the MX
+already wrote the Received field of the SMTP hop.
+
 Each copy is written to ``tmp/``, fsynced, linked into ``new/`` under a
 unique name, and ``new/`` is fsynced, so a DELIVERED result survives a
-crash.  A recipient that cannot name a folder safely (``/``, a leading dot,
-NUL, over 255 octets) fails; an I/O error defers.
+crash.  The message is streamed chunk by chunk and never held whole.  A
+recipient that cannot name a folder safely (``/``, a leading dot, NUL, over
+255 octets) fails; an I/O error defers.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ from mailfeed.delivery.convert import iter_converted
 from mailfeed.durable import fsync_dir
 from mailfeed.envelope import Envelope
 
-__all__ = ["MAX_MAILDIR_NAME", "MaildirTarget", "maildir_name_error"]
+__all__ = ["MAX_MAILDIR_NAME", "MaildirTarget", "maildir_name_error", "trace_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +73,21 @@ def maildir_name_error(recipient: str) -> str | None:
     return None
 
 
+def trace_fields(sender: str, recipient: str) -> bytes:
+    """Return the Return-Path and Delivered-To fields of one copy, each ending in LF.
+
+    The envelope codec has already rejected control characters and invalid
+    UTF-8 in both addresses, so neither can end a field early.
+    """
+    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode()
+
+
 class MaildirTarget:
     """Deliver into one Maildir per recipient at ``root/<recipient in lower case>``.
 
-    Each copy is written to ``tmp/``, fsynced, renamed into ``new/``, and the
-    ``new/`` folder is fsynced, so a delivered result survives a crash.
+    Each copy starts with :func:`trace_fields` for its recipient.  It is
+    written to ``tmp/``, fsynced, linked into ``new/``, and the ``new/``
+    folder is fsynced, so a delivered result survives a crash.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -71,10 +100,10 @@ class MaildirTarget:
         results: list[RecipientResult] = []
         for rcpt in envelope.recipients:
             message.seek(start)
-            results.append(self._deliver_one(rcpt, message))
+            results.append(self._deliver_one(envelope.sender, rcpt, message))
         return results
 
-    def _deliver_one(self, rcpt: str, message: BinaryIO) -> RecipientResult:
+    def _deliver_one(self, sender: str, rcpt: str, message: BinaryIO) -> RecipientResult:
         problem = maildir_name_error(rcpt)
         if problem is not None:
             text = f"{STATUS_BAD_MAILBOX} recipient {rcpt!r} is not a valid Maildir name: {problem}"
@@ -82,7 +111,7 @@ class MaildirTarget:
             return RecipientResult(rcpt, Outcome.FAILED, CODE_ADDRESS_REJECTED, text)
         folder = self.root / rcpt.lower()
         try:
-            path = self._write(folder, message)
+            path = self._write(folder, trace_fields(sender, rcpt), message)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             log.error("writing to Maildir %s failed: %s", folder, exc)
@@ -110,7 +139,7 @@ class MaildirTarget:
         for sub in ("tmp", "new", "cur"):
             (folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _write(self, folder: Path, message: BinaryIO) -> Path:
+    def _write(self, folder: Path, header: bytes, message: BinaryIO) -> Path:
         self._make_folder(folder)
         name = self._unique_name()
         tmp_path = folder / "tmp" / name
@@ -119,6 +148,7 @@ class MaildirTarget:
         fd = os.open(tmp_path, flags, 0o600)
         try:
             with os.fdopen(fd, "wb", closefd=True) as out:
+                out.write(header)
                 for chunk in iter_converted(message, crlf=False, stuff=False):
                     out.write(chunk)
                 out.flush()

@@ -42,7 +42,9 @@ POP3 = Section(
     "Each retrieved message must equal the stored block and message after line ends "
     "are normalised to CRLF and the header lines the client adds itself are removed. "
     "mailfeed fetch instead delivers each message, without its block, to one Maildir "
-    "per envelope recipient. The mailbox must be empty afterwards.",
+    "per envelope recipient, where each copy must start with the Return-Path of its "
+    "envelope sender and the Delivered-To of its recipient. The mailbox must be "
+    "empty afterwards.",
 )
 MX = Section(
     "mx", "MX delivery into the spool", "path", "spool",
@@ -59,9 +61,8 @@ SITE = Section(
     ("SMTP to Postfix", "LMTP to Dovecot", "sendmail via Postfix", "Maildir"),
     "mailfeed fetch drains the mailbox of mailfeed mx and re-injects each message. "
     "Each final mailbox must hold the original bytes (after the trace fields of the "
-    "MX and of the local MTA), and the local MTA's Return-Path and Delivered-To must "
-    "match the original envelope. The Maildir target records no sender, so there "
-    "only the recipients are checked.",
+    "MX and of the local MTA), and the Return-Path and Delivered-To fields of the "
+    "local MTA, or of the Maildir target, must match the original envelope.",
 )
 SECTIONS = (POP3, MX, SITE)
 
