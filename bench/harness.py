@@ -180,7 +180,7 @@ def interleave(subjects: Sequence[Subject], repetitions: int,
                     subject.status = f"not run: {exc}"
                     log(f"  {subject.name}: {subject.status}")
                     break
-                except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+                except Exception as exc:  # any failure is recorded in the results
                     note = f"repetition {repetition + 1}, attempt {attempt + 1} failed: {exc}"
                     subject.notes.append(note)
                     log(f"  {subject.name}: {note}")

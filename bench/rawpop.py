@@ -41,18 +41,37 @@ async def _status(reader: asyncio.StreamReader, command: str) -> bytes:
     return line
 
 
-async def _multiline(reader: asyncio.StreamReader, command: str) -> bytes:
-    """Read a +OK status line and the dot-stuffed body after it; return the body."""
+async def _multiline(reader: asyncio.StreamReader, command: str, *,
+                     keep: bool = True) -> tuple[bytes, int]:
+    """Read a +OK status line and the dot-stuffed body after it.
+
+    Returns the body (or b"" unless ``keep``) and its length in octets.  A
+    body larger than the reader's buffer limit is read in pieces.
+    """
     await _status(reader, command)
     first = await reader.readexactly(1)
     if first == b".":
         second = await reader.readexactly(1)
         if second == b"\r":
             await reader.readexactly(1)
-            return b""
+            return b"", 0
         first += second
-    rest = await reader.readuntil(TERMINATOR)
-    return first + rest[:-3]
+    pieces = [first]
+    size = len(first)
+    while True:
+        try:
+            rest = await reader.readuntil(TERMINATOR)
+        except asyncio.LimitOverrunError as exc:
+            # exc.consumed octets cannot contain the start of the terminator.
+            piece = await reader.readexactly(max(1, exc.consumed))
+            size += len(piece)
+            if keep:
+                pieces.append(piece)
+            continue
+        size += len(rest) - 3
+        if keep:
+            pieces.append(rest[:-3])
+        return (b"".join(pieces) if keep else b""), size
 
 
 async def drain(host: str, port: int, user: str, password: str, *, keep: bool = False,
@@ -78,7 +97,7 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, u
     writer.write(f"USER {user}\r\nPASS {password}\r\nUIDL\r\n".encode())
     await _status(reader, "USER")
     await _status(reader, "PASS")
-    listing = await _multiline(reader, "UIDL")
+    listing, _size = await _multiline(reader, "UIDL")
     result.session_start = time.perf_counter() - started
     numbers = [int(line.split(b" ", 1)[0]) for line in listing.split(b"\r\n") if line]
     if limit:
@@ -96,9 +115,9 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, u
     sender = asyncio.create_task(send_commands())
     try:
         for number in numbers:
-            body = await _multiline(reader, f"RETR {number}")
+            _body, size = await _multiline(reader, f"RETR {number}", keep=False)
             result.messages += 1
-            result.octets += len(body)
+            result.octets += size
             if not keep:
                 await _status(reader, f"DELE {number}")
         await _status(reader, "QUIT")

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +135,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 scenario = function(ctx)
             except NotRun as exc:
                 scenario = Scenario(key, key, "", [], status=f"not run: {exc}")
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                scenario = Scenario(key, key, "", [], status=f"failed: {exc}")
+            except Exception as exc:  # a broken scenario must not lose the others
+                scenario = Scenario(key, key, "", [],
+                                    status=f"failed: {type(exc).__name__}: {exc}")
+                _log(traceback.format_exc())
             scenario.elapsed = time.perf_counter() - began
             _log(f"scenario {key}: {scenario.status}, {scenario.elapsed:.1f} s")
             scenarios.append(scenario.as_dict())
