@@ -1,5 +1,10 @@
 # Developer entry points.  `make test` is the whole suite, as CI runs it.
-PYTHON ?= python3
+# Some tests run programs as the unprivileged user `mail` (Postfix's pipe
+# never runs as root), and that user must be able to execute the venv's
+# Python.  An interpreter under /root usually is not, so as root prefer the
+# system Python when it is new enough.
+SYSTEM_PYTHON := $(shell [ "$$(id -u)" = 0 ] && /usr/bin/python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null && echo /usr/bin/python3)
+PYTHON ?= $(or $(SYSTEM_PYTHON),python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
