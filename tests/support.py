@@ -105,10 +105,28 @@ def run_user_ids() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def check_run_user_can_execute(program: str) -> None:
+    """Fail with the remedy when the test user cannot reach ``program``'s interpreter.
+
+    Otherwise the failure shows up much later, as a Postfix pipe or a client
+    that times out with "Permission denied" in some log.
+    """
+    uid, _gid = run_user_ids()
+    path = Path(os.path.realpath(program))
+    for folder in path.parents:
+        info = folder.stat()
+        if info.st_uid != uid and not info.st_mode & 0o001:
+            pytest.fail(
+                f"user {RUN_USER} cannot execute {program}: {folder} is closed to it; "
+                "build the venv from /usr/bin/python3 (make test does so as root)"
+            )
+
+
 def as_run_user(argv: Sequence[str]) -> list[str]:
     """Prefix a command so it runs as the unprivileged test user when we are root."""
     if not is_root():
         return list(argv)
+    check_run_user_can_execute(sys.executable)
     setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
     return [setpriv, f"--reuid={RUN_USER}", f"--regid={RUN_USER}", "--init-groups", *argv]
 
