@@ -235,3 +235,15 @@ def test_shows_default_compares_values() -> None:
     assert not shows_default("`0`", False)
     assert not shows_default("`30`", 300.0)
     assert not shows_default("none", 300.0)
+
+
+def test_site_example_parses() -> None:
+    name = "mailfeed/site-dovecot.toml"
+    data = tomllib.loads((ROOT / "docs" / "examples" / name).read_text(encoding="utf-8"))
+    for source in data["source"]:
+        # The example's password file does not exist here.
+        source["password"] = "secret"
+        del source["password_file"]
+    config = parse_fetch_config(f"/etc/mailfeed/{name}", data)
+    assert [source.port for source in config.sources] == [995]
+    assert config.delivery == "smtp://127.0.0.1:10026"
