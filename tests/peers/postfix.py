@@ -473,7 +473,7 @@ class MxPostfix:
             "/etc/postfix/mailfeed-transport": str(table),
         })
         master_cf = example_text("postfix-mx/master.cf", {
-            "/usr/local/bin/mailfeed-fwd": fwd_path,
+            "/opt/mailfeed/bin/mailfeed-fwd": fwd_path,
             "/etc/mailfeed/mx.toml": str(self.config_path),
             "user=mailfeed": f"user={run_user}",
         })
