@@ -280,4 +280,7 @@ def write_config(path: Path, *, pop3_port: int, mta_url: str, state: Path,
             f'tls = "none"\nuser = "site1"\npassword = "pw-site1-example"\n{source_extra}\n'
         )
     path.write_text(text)
+    # The file holds an inline password, which the loader rejects in a file
+    # that group or others may read.
+    path.chmod(0o600)
     return path

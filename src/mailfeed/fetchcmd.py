@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_FETCH_CONFIG
     config = load_fetch_config(path)
+    # Checked before the state file is opened, so that a bad value exits 78.
+    make_target(config)
     try:
         store = StateStore.open(config.state)
     except StateLocked as exc:
@@ -94,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_target(config: FetchConfig) -> Target:
-    return target_from_url(config.delivery, timeout=config.limits.delivery_timeout,
-                           helo=config.dsn_reporting_mta)
+    """Build the delivery target; a bad ``delivery`` value names the file and the key."""
+    try:
+        return target_from_url(config.delivery, timeout=config.limits.delivery_timeout,
+                               helo=config.dsn_reporting_mta)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.path}: delivery = {config.delivery!r}: {exc}") from None
 
 
 class _Progress:
