@@ -18,7 +18,9 @@ Exit status (sysexits), the worst over all sources, in this order:
 * 75 EX_TEMPFAIL: a recipient is deferred, a DSN or DELE is still owed, or a
   session failed in a way a retry may clear (connection, timeout, TLS, a
   login refused without a permanent response code, QUIT unacknowledged),
-  or another fetcher holds the state file.
+  the delivery target could not be reached (the session then retrieves no
+  further message), a stop (SIGTERM, SIGINT) ended the pass before the
+  mailboxes were drained, or another fetcher holds the state file.
 * 69 EX_UNAVAILABLE: a recipient failed for good (its DSN was handed over,
   or none was owed), and the message was deleted.
 * 65 EX_DATAERR: a message stays on the server because of its content or a

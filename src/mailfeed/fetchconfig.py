@@ -45,7 +45,11 @@ A site file looks like this (every key but ``state``, ``quarantine``,
     password_file = "/etc/mailfeed/site1.pass"   # or password = "..."
     allow_plaintext = false         # tls = "none" to a host that is not loopback
 
-Every error names the file, the key and the value.
+Every error names the file, the key and the value, with secrets masked.
+Unknown keys are rejected in every table.  :func:`load_fetch_config` also
+checks that ``ca_file`` and ``password_file`` can be read and that the
+folders holding ``state`` and ``quarantine`` exist, and rejects an inline
+``password`` in a file that group or others may read.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ A message whose block is missing or defective, or that names a recipient
 outside the local domains, is not delivered and not deleted.  A copy of its
 raw RETR bytes goes to ``<quarantine>/<source>/<sha256>.eml`` so that an
 admin can inspect it, with a ``.reason`` file beside it that names the
-source, the UIDL, the digest and the reason.
+source, the UIDL, the digest and the reason.  The fetcher also quarantines
+a message it deletes after its DSN failed for good, so that it does not
+vanish.  Once a quarantined message is delivered (``--retry-quarantined``),
+its copy and reason move to ``<quarantine>/<source>/released/``.
 
 Invariants:
 
