@@ -90,7 +90,7 @@ class RecordingMta:
 
     def __init__(self, *, rcpt_codes: dict[str, str] | None = None,
                  data_code: Callable[[bytes], str | None] | None = None,
-                 recipient_limit: int | None = None) -> None:
+                 recipient_limit: int | None = None, smtputf8: bool = True) -> None:
         self.rcpt_codes = dict(rcpt_codes or {})
         self.data_code = data_code
         self.recipient_limit = recipient_limit
@@ -101,7 +101,7 @@ class RecordingMta:
 
         async def start() -> asyncio.base_events.Server:
             return await self._thread.loop.create_server(
-                lambda: _LongLineSmtp(handler, decode_data=False, enable_SMTPUTF8=True,
+                lambda: _LongLineSmtp(handler, decode_data=False, enable_SMTPUTF8=smtputf8,
                              hostname="mta.test"),
                 "127.0.0.1", 0)
 
@@ -280,4 +280,7 @@ def write_config(path: Path, *, pop3_port: int, mta_url: str, state: Path,
             f'tls = "none"\nuser = "site1"\npassword = "pw-site1-example"\n{source_extra}\n'
         )
     path.write_text(text)
+    # The file holds an inline password, which the loader rejects in a file
+    # that group or others may read.
+    path.chmod(0o600)
     return path

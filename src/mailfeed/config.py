@@ -18,11 +18,12 @@ The site table maps a site name to its spool::
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,8 +37,10 @@ __all__ = [
     "MxSpoolConfig",
     "Section",
     "SiteConfig",
+    "is_secret_key",
     "load_mx_spool_config",
     "load_toml",
+    "mask_secrets",
     "validate_site_name",
 ]
 
@@ -60,6 +63,30 @@ MAX_SECONDS = 7 * 24 * 3600.0
 MX_CONFIG_KEYS = ("spool_root", "limits", "sites", "mx")
 
 T = TypeVar("T")
+
+# Shown in place of a secret's value in every configuration error.
+SECRET_MASK = "<hidden>"
+
+
+def is_secret_key(name: str) -> bool:
+    """Return True for a key whose value is a secret: ``password``, ``*password``, ``*_secret``."""
+    lowered = name.lower()
+    return lowered.endswith("password") or lowered.endswith("_secret")
+
+
+def mask_secrets(value: Any) -> Any:
+    """Return ``value`` with the value of every secret key replaced, at any depth.
+
+    Any error or log line that shows a table or a value of a configuration
+    file goes through this function, so a misplaced table cannot show a
+    password.
+    """
+    if isinstance(value, Mapping):
+        return {key: SECRET_MASK if isinstance(key, str) and is_secret_key(key)
+                else mask_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(item) for item in value]
+    return value
 
 
 def validate_site_name(name: str) -> str:
@@ -111,8 +138,12 @@ class Section:
         return f"{self.prefix}{name}"
 
     def error(self, name: str, message: str) -> ConfigError:
-        value = self.data.get(name)
-        shown = f" = {value!r}" if name in self.data else ""
+        if name not in self.data:
+            shown = ""
+        elif is_secret_key(name):
+            shown = f" = {SECRET_MASK}"
+        else:
+            shown = f" = {mask_secrets(self.data[name])!r}"
         return ConfigError(f"{self.path}: {self.key(name)}{shown}: {message}")
 
     def _get(self, name: str, kind: type[T] | tuple[type, ...], kind_name: str) -> Any:
@@ -208,10 +239,23 @@ class Section:
             result[sub] = Section(self.path, data, f"{self.key(name)}.{sub}.")
         return result
 
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise ConfigError(f"{self.path}: unknown setting {self.key(unknown[0])}")
+    def check_unknown(self, known: Iterable[str] = ()) -> None:
+        """Raise ConfigError naming every key neither read nor listed in ``known``.
+
+        Parsers that check values against each other call this first with
+        the full list of keys, so that a misspelt key is reported as such
+        instead of as the missing key it was meant to be.
+        """
+        allowed = self.seen | set(known)
+        unknown = sorted(str(key) for key in set(self.data) - allowed)
+        if not unknown:
+            return
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hints.append(self.key(key) + (f" (did you mean {close[0]}?)" if close else ""))
+        noun = "setting" if len(unknown) == 1 else "settings"
+        raise ConfigError(f"{self.path}: unknown {noun} {', '.join(hints)}")
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,9 @@ EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 HASH_CHUNK = 64 * 1024
+# Deferred UIDLs named in the summary line; the rest are counted.  Each one
+# is also in its own log line.
+MAX_SUMMARY_UIDLS = 10
 # Statuses after which the next step is DELE: the message was fully handled.
 HANDLED = (MessageStatus.FINAL, MessageStatus.DELE_SENT)
 # Statuses whose row belongs to one content only: a listed UIDL with other
@@ -151,7 +154,9 @@ class SourceReport:
             f"{self.seconds:.1f} s, exit {self.exit_code}"
         )
         if self.kept_uidls:
-            line += f", deferred UIDLs: {' '.join(self.kept_uidls)}"
+            shown = " ".join(self.kept_uidls[:MAX_SUMMARY_UIDLS])
+            rest = len(self.kept_uidls) - MAX_SUMMARY_UIDLS
+            line += f", deferred UIDLs: {shown}" + (f" and {rest} more" if rest > 0 else "")
         if self.error:
             line += f", error: {self.error}"
         return line
@@ -302,7 +307,12 @@ class Fetcher:
         report = RunReport()
         for source in self.config.sources:
             if self.stop_requested:
-                break
+                # Not drained: exit 75, so that a caller knows mail may be waiting.
+                log.info("source %s: stop requested: session not started", source.name)
+                skipped = SourceReport(source.name, error="stopped before the session started")
+                skipped.raise_exit(EX_TEMPFAIL)
+                report.sources.append(skipped)
+                continue
             report.sources.append(await self.run_source(source))
         return report
 
@@ -349,6 +359,9 @@ class _Session:
         self.dele_acked: list[tuple[int, str]] = []
         # UIDL -> (RETRs in a row that broke a session, the last error).
         self.failures: dict[str, tuple[int, str]] = {}
+        # Why the delivery target could not be reached, once a delivery found
+        # it down: no further message is retrieved in this session then.
+        self.target_down: str | None = None
 
     # -- logging -----------------------------------------------------------------
 
@@ -365,7 +378,12 @@ class _Session:
     async def run(self) -> None:
         """The session, step by step; each step is durable before the next starts."""
         listing = await self._connect_and_list()
+        if listing is None:
+            await self._quit()
+            return
         to_retrieve = self._plan()
+        if to_retrieve and self._stopped(len(to_retrieve)):
+            to_retrieve = []
         if to_retrieve:
             # Per message: RETR -> block -> deliver -> record the outcomes.
             await self._retrieve(to_retrieve)
@@ -373,8 +391,21 @@ class _Session:
         await self._quit()
         self._prune(listing)
 
-    async def _connect_and_list(self) -> pop3client.UidlListing:
-        """Connect, log in, read UIDL and LIST, and load the state of the listed UIDLs."""
+    def _stopped(self, left: int) -> bool:
+        """Return True when a stop was requested, marking the session as cut short."""
+        if not self.fetcher.stop_requested:
+            return False
+        log.info("%s: stop requested: %d messages left on the server for the next session",
+                 self.sid, left)
+        self.report.raise_exit(EX_TEMPFAIL)
+        self.report.error = self.report.error or "stopped before the mailbox was drained"
+        return True
+
+    async def _connect_and_list(self) -> pop3client.UidlListing | None:
+        """Connect, log in, read UIDL and LIST, and load the state of the listed UIDLs.
+
+        Return None, without logging in, when a stop was requested meanwhile.
+        """
         source = self.source
         log.info("%s %s: connecting (tls %s)", self.sid, self.peer, source.tls.value)
         self.client = await pop3client.connect(
@@ -388,6 +419,11 @@ class _Session:
             trace=self._trace if self.fetcher.trace else None,
             session_id=self.sid,
         )
+        if self.fetcher.stop_requested:
+            log.info("%s %s: stop requested: not logging in", self.sid, self.peer)
+            self.report.raise_exit(EX_TEMPFAIL)
+            self.report.error = "stopped before login"
+            return None
         await self.client.login(source.user, source.password)
         listing, self.sizes = await self.client.uidl_and_list()
         for raw, reason in listing.defects:
@@ -452,6 +488,7 @@ class _Session:
     async def _retrieve(self, msgnums: list[int]) -> None:
         assert self.client is not None
         planned_octets = sum(self.sizes.get(n, 0) for n in msgnums)
+        handled = 0
         results = self.client.retrieve(
             msgnums,
             open_sink=self._open_sink,
@@ -466,11 +503,18 @@ class _Session:
                 finally:
                     if sink is not None:
                         sink.file.close()
+                handled += 1
                 if self.fetcher.progress is not None:
                     self.fetcher.progress(self.report, len(msgnums), planned_octets)
-                if self.fetcher.stop_requested:
-                    log.info("%s: stop requested: no further messages this session", self.sid)
+                if handled < len(msgnums) and (self.target_down or
+                                               self._stopped(len(msgnums) - handled)):
                     break
+        if self.target_down:
+            log.error("%s: the delivery target %s cannot be reached (%s): no further "
+                      "messages retrieved this session; %d left on the server",
+                      self.sid, self.config.delivery, self.target_down, len(msgnums) - handled)
+            self.report.raise_exit(EX_TEMPFAIL)
+            self.report.error = self.report.error or f"delivery target down: {self.target_down}"
 
     def _open_sink(self, msgnum: int) -> _CappedSink:
         sink = _CappedSink(self.limits.max_message_size)
@@ -490,9 +534,13 @@ class _Session:
         if checked is None:
             return
         block, recipients = checked
+        previous = self.records.get(uidl)
         record = self.store.begin_message(self.source.name, uidl, digest, result.size,
                                           recipients)
         await self._deliver(msgnum, record, block, sink)
+        if (previous is not None and previous.status == MessageStatus.QUARANTINED
+                and msgnum in self.to_delete):
+            self._release(uidl, digest)
 
     def _accept_retrieved(self, msgnum: int, uidl: str, result: pop3client.RetrResult,
                           sink: BinaryIO) -> str:
@@ -603,10 +651,13 @@ class _Session:
 
     async def _call_target(self, envelope: Envelope, sink: BinaryIO) -> list[RecipientResult]:
         try:
-            return await asyncio.wait_for(
+            results = await asyncio.wait_for(
                 asyncio.to_thread(self.fetcher.target.deliver, envelope, sink),
                 timeout=self.limits.delivery_timeout,
             )
+            if results and all(result.unreachable for result in results):
+                self.target_down = results[0].text
+            return results
         except TimeoutError:
             # NOTE: the thread may still finish the delivery; the recipients stay
             # deferred, so the next session may deliver them a second time.
@@ -614,6 +665,7 @@ class _Session:
         except Exception as exc:  # any target failure must leave the mail retryable
             reason = f"delivery failed: {exc!r}"
         log.error("%s: %s", self.sid, reason)
+        self.target_down = reason
         return [RecipientResult(rcpt, Outcome.DEFERRED, 451, f"4.3.0 {reason}")
                 for rcpt in envelope.recipients]
 
@@ -662,12 +714,37 @@ class _Session:
             return False
         status = DsnStatus.SENT if outcome == Outcome.DELIVERED else DsnStatus.DROPPED
         if status == DsnStatus.DROPPED:
-            log.error("%s: UIDL %s: the DSN to <%s> failed for good; dropping it",
-                      self.sid, record.uidl, sender)
+            if not self._keep_undeliverable(record, sender, owed, sink):
+                return False
         else:
             log.info("%s: UIDL %s: DSN sent to <%s> for %d recipients", self.sid, record.uidl,
                      sender, len(owed))
         self.store.set_recipient_dsn(record.id, [row.recipient for row in owed], status)
+        return True
+
+    def _keep_undeliverable(self, record: MessageRecord, sender: str,
+                            owed: Sequence[RecipientRecord], sink: BinaryIO) -> bool:
+        """Quarantine a copy of a message whose DSN failed for good; True when it is durable.
+
+        The message is deleted from the server afterwards, so the copy is the
+        only trace of it left for the admin.  On failure the DSN stays owed
+        and the message stays on the server.
+        """
+        failed = ", ".join(f"<{row.recipient}> {row.code} {row.text}" for row in owed[:5])
+        reason = (f"delivery failed for good ({failed}) and the DSN to <{sender}> failed "
+                  "for good too; the message was deleted from the server")
+        digest = record.digest or file_digest(sink)
+        try:
+            path = self.fetcher.quarantine.store(self.source.name, record.uidl, digest, sink,
+                                                 reason)
+        except OSError as exc:
+            log.error("%s: UIDL %s: the DSN to <%s> failed for good and copying the message "
+                      "into quarantine %s failed: %s; kept on the server", self.sid,
+                      record.uidl, sender, self.config.quarantine, exc)
+            return False
+        where = path or self.fetcher.quarantine.path_for(self.source.name, digest)
+        log.error("%s: UIDL %s: the DSN to <%s> failed for good; dropping the DSN, copy of "
+                  "the message quarantined at %s", self.sid, record.uidl, sender, where)
         return True
 
     def _quarantine(self, msgnum: int, uidl: str, digest: str, sink: BinaryIO, reason: str,
@@ -684,6 +761,19 @@ class _Session:
         self._keep(msgnum, uidl, MessageStatus.QUARANTINED, reason, digest=digest, size=size)
         if path is not None:
             log.info("%s: UIDL %s: copy quarantined at %s", self.sid, uidl, path)
+
+    def _release(self, uidl: str, digest: str) -> None:
+        """Move the quarantined copy of a message now delivered out of the admin's way."""
+        try:
+            moved = self.fetcher.quarantine.release(self.source.name, digest)
+        except OSError as exc:
+            log.warning("%s: UIDL %s was delivered, but moving its quarantined copy to "
+                        "released/ failed: %s; do not send that copy again", self.sid, uidl,
+                        exc)
+            return
+        if moved is not None:
+            log.info("%s: UIDL %s delivered from quarantine; its copy moved to %s", self.sid,
+                     uidl, moved)
 
     def _keep(self, msgnum: int, uidl: str, status: MessageStatus, reason: str, *,
               digest: str | None = None, size: int | None = None) -> None:

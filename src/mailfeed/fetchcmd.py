@@ -18,7 +18,9 @@ Exit status (sysexits), the worst over all sources, in this order:
 * 75 EX_TEMPFAIL: a recipient is deferred, a DSN or DELE is still owed, or a
   session failed in a way a retry may clear (connection, timeout, TLS, a
   login refused without a permanent response code, QUIT unacknowledged),
-  or another fetcher holds the state file.
+  the delivery target could not be reached (the session then retrieves no
+  further message), a stop (SIGTERM, SIGINT) ended the pass before the
+  mailboxes were drained, or another fetcher holds the state file.
 * 69 EX_UNAVAILABLE: a recipient failed for good (its DSN was handed over,
   or none was owed), and the message was deleted.
 * 65 EX_DATAERR: a message stays on the server because of its content or a
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
                         stream=sys.stderr)
     path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_FETCH_CONFIG
     config = load_fetch_config(path)
+    # Checked before the state file is opened, so that a bad value exits 78.
+    make_target(config)
     try:
         store = StateStore.open(config.state)
     except StateLocked as exc:
@@ -94,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_target(config: FetchConfig) -> Target:
-    return target_from_url(config.delivery, timeout=config.limits.delivery_timeout,
-                           helo=config.dsn_reporting_mta)
+    """Build the delivery target; a bad ``delivery`` value names the file and the key."""
+    try:
+        return target_from_url(config.delivery, timeout=config.limits.delivery_timeout,
+                               helo=config.dsn_reporting_mta)
+    except ConfigError as exc:
+        raise ConfigError(f"{config.path}: delivery = {config.delivery!r}: {exc}") from None
 
 
 class _Progress:

@@ -45,7 +45,11 @@ A site file looks like this (every key but ``state``, ``quarantine``,
     password_file = "/etc/mailfeed/site1.pass"   # or password = "..."
     allow_plaintext = false         # tls = "none" to a host that is not loopback
 
-Every error names the file, the key and the value.
+Every error names the file, the key and the value, with secrets masked.
+Unknown keys are rejected in every table.  :func:`load_fetch_config` also
+checks that ``ca_file`` and ``password_file`` can be read and that the
+folders holding ``state`` and ``quarantine`` exist, and rejects an inline
+``password`` in a file that group or others may read.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ __all__ = [
 DEFAULT_POP3_PORT = 110  # RFC 1939 section 3
 DEFAULT_POP3S_PORT = 995  # RFC 8314 section 7.2
 TLS_CHOICES = tuple(mode.value for mode in TlsMode)
+# The keys each table may hold; any other key is rejected with its name.
+TOP_KEYS = ("state", "quarantine", "local_domains", "delivery", "dsn_reporting_mta",
+            "allowed_above_block", "limits", "daemon", "source")
+LIMITS_KEYS = ("max_message_size", "max_messages_per_session", "max_line_length",
+               "max_recipients", "max_queue_lifetime", "pipelining_window", "state_retention",
+               "max_retrieve_attempts", "timeouts")
+TIMEOUTS_KEYS = ("connect", "greeting", "login", "command", "data", "message", "delivery")
+DAEMON_KEYS = ("interval", "backoff_max")
+SOURCE_KEYS = ("name", "host", "port", "tls", "ca_file", "verify", "user", "password",
+               "password_file", "allow_plaintext")
+# Mode bits that let a user other than the owner read a file.
+READ_BY_OTHERS = stat.S_IRGRP | stat.S_IROTH
 SOURCE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+")
 
 
@@ -142,6 +158,7 @@ class FetchConfig:
 
 
 def _parse_timeouts(section: Section) -> tuple[Timeouts, float]:
+    section.check_unknown(TIMEOUTS_KEYS)
     defaults = Timeouts()
     timeouts = Timeouts(
         connect=section.get_float("connect", defaults.connect, minimum=0.1),
@@ -157,6 +174,7 @@ def _parse_timeouts(section: Section) -> tuple[Timeouts, float]:
 
 
 def _parse_limits(section: Section) -> FetchLimits:
+    section.check_unknown(LIMITS_KEYS)
     timeouts, delivery_timeout = _parse_timeouts(section.table("timeouts"))
     limits = FetchLimits(
         max_message_size=section.get_int("max_message_size", FetchLimits.max_message_size),
@@ -181,6 +199,7 @@ def _parse_limits(section: Section) -> FetchLimits:
 
 
 def _parse_daemon(section: Section) -> DaemonSettings:
+    section.check_unknown(DAEMON_KEYS)
     interval = section.get_float("interval", DaemonSettings.interval, minimum=1.0)
     backoff_max = section.get_float("backoff_max", DaemonSettings.backoff_max, minimum=1.0)
     if backoff_max < interval:
@@ -194,7 +213,7 @@ def _read_password_file(section: Section, path: Path) -> str:
         info = path.stat()
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise section.error("password_file", f"cannot read it: {exc.strerror}") from None
+        raise section.error("password_file", f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise section.error("password_file", "the file is not valid UTF-8") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -208,6 +227,7 @@ def _read_password_file(section: Section, path: Path) -> str:
 
 
 def _parse_source(section: Section, base: Path) -> SourceConfig:
+    section.check_unknown(SOURCE_KEYS)
     name = section.required_str("name")
     if not name or not set(name) <= SOURCE_NAME_CHARS:
         raise section.error("name", "use letters, digits, '.', '_', '+' and '-'")
@@ -267,6 +287,7 @@ def parse_fetch_config(path: str, data: Mapping[str, Any]) -> FetchConfig:
     """
     base = Path(path).resolve().parent
     top = Section(path, data)
+    top.check_unknown(TOP_KEYS)
     state = top.get_path("state", base=base)
     if state is None:
         raise ConfigError(f"{path}: state: missing required setting (the state file's path)")
@@ -301,6 +322,67 @@ def parse_fetch_config(path: str, data: Mapping[str, Any]) -> FetchConfig:
 
 
 def load_fetch_config(path: str | os.PathLike[str]) -> FetchConfig:
-    """Read and check a fetch configuration file."""
+    """Read and check a fetch configuration file and the files and folders it names."""
     text_path = os.fspath(path)
-    return parse_fetch_config(text_path, load_toml(text_path))
+    data = load_toml(text_path)
+    config = parse_fetch_config(text_path, data)
+    _check_inline_password(text_path, data)
+    _check_paths(config)
+    return config
+
+
+def _check_inline_password(path: str, data: Mapping[str, Any]) -> None:
+    """Reject an inline password in a file that users other than its owner may read."""
+    sources = data.get("source")
+    if not isinstance(sources, list):
+        return
+    inline = [index for index, item in enumerate(sources)
+              if isinstance(item, dict) and "password" in item]
+    if not inline:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot check its permissions: {exc.strerror}") from None
+    if mode & READ_BY_OTHERS:
+        raise ConfigError(
+            f"{path}: source[{inline[0]}].password: the file holds a password and is readable "
+            f"by group or others (mode {mode & 0o777:o}): chmod 600 {path}, or move the "
+            "password into a password_file")
+
+
+def _check_paths(config: FetchConfig) -> None:
+    """Check that the files the configuration names exist and its folders can be made.
+
+    Run at load so that a wrong path is a configuration error (exit 78)
+    naming the key, not a temporary failure retried for ever.
+    """
+    for index, source in enumerate(config.sources):
+        if source.ca_file is not None:
+            _check_readable_file(config.path, f"source[{index}].ca_file", source.ca_file)
+    _check_parent(config.path, "state", config.state)
+    if not config.quarantine.exists():
+        _check_parent(config.path, "quarantine", config.quarantine)
+
+
+def _check_readable_file(path: str, key: str, target: Path) -> None:
+    try:
+        with open(target, "rb"):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {key} = '{target}': file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: {key} = '{target}': expected a file, not a folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {key} = '{target}': cannot read it: {exc.strerror}") from None
+
+
+def _check_parent(path: str, key: str, target: Path) -> None:
+    parent = target.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{path}: {key} = '{target}': the folder {parent} does not exist: create it or "
+            f"change {key}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{path}: {key} = '{target}': no write permission in the folder {parent}")

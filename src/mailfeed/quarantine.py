@@ -4,7 +4,10 @@ A message whose block is missing or defective, or that names a recipient
 outside the local domains, is not delivered and not deleted.  A copy of its
 raw RETR bytes goes to ``<quarantine>/<source>/<sha256>.eml`` so that an
 admin can inspect it, with a ``.reason`` file beside it that names the
-source, the UIDL, the digest and the reason.
+source, the UIDL, the digest and the reason.  The fetcher also quarantines
+a message it deletes after its DSN failed for good, so that it does not
+vanish.  Once a quarantined message is delivered (``--retry-quarantined``),
+its copy and reason move to ``<quarantine>/<source>/released/``.
 
 Invariants:
 
@@ -34,6 +37,9 @@ __all__ = ["Quarantine"]
 COPY_CHUNK = 64 * 1024
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# Subfolder of a source's folder for copies whose message was delivered
+# later (mailfeed fetch --retry-quarantined).
+RELEASED_DIR = "released"
 
 
 class Quarantine:
@@ -86,6 +92,28 @@ class Quarantine:
                     leftover.unlink()
         fsync_dir(folder)
         return final
+
+
+    def release(self, source: str, digest: str) -> Path | None:
+        """Move a copy and its reason into ``<source>/released/`` once the message is delivered.
+
+        Return the copy's new path, or None when there is no copy.  The
+        copy leaves the quarantine folder so that nobody sends it by hand a
+        second time, but stays on disk for reference.
+        """
+        folder = self.root / source
+        copy = folder / f"{digest}.eml"
+        if not copy.exists():
+            return None
+        released = folder / RELEASED_DIR
+        released.mkdir(mode=DIR_MODE, exist_ok=True)
+        reason = folder / f"{digest}.reason"
+        if reason.exists():
+            os.replace(reason, released / reason.name)
+        os.replace(copy, released / copy.name)
+        fsync_dir(released)
+        fsync_dir(folder)
+        return released / copy.name
 
 
 def _create(path: Path) -> BinaryIO:

@@ -160,6 +160,8 @@ def test_smtp_dropped_connection_defers(drop_after: str) -> None:
             envelope, io.BytesIO(b"Subject: x\r\n\r\nbody\r\n"))
     assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DEFERRED]
     assert "127.0.0.1" in results[0].text
+    # Only a server that never completed its greeting counts as unreachable.
+    assert results[0].unreachable is (drop_after == "EHLO")
 
 
 def test_smtp_refused_connection_defers() -> None:
@@ -168,6 +170,7 @@ def test_smtp_refused_connection_defers() -> None:
         pass  # the listener is closed now, so the port refuses connections
     results = SmtpTarget("127.0.0.1", port, timeout=5).deliver(envelope, io.BytesIO(b"x\r\n"))
     assert results[0].outcome is Outcome.DEFERRED
+    assert results[0].unreachable is True
 
 
 def test_smtp_smtputf8_address() -> None:
@@ -181,15 +184,27 @@ def test_smtp_smtputf8_address() -> None:
     assert txn.recipients == ["jürgen@example.org", "bob@example.org"]
 
 
-def test_smtp_utf8_address_without_smtputf8_fails() -> None:
+def test_smtp_utf8_address_without_smtputf8_defers() -> None:
     envelope = Envelope("alice@example.net", ("jürgen@example.org", "bob@example.org"))
     handler = RecordingHandler()
     with ServerThread(handler, smtputf8=False) as server:
         results = deliver(server, envelope, io.BytesIO(b"Subject: x\r\n\r\nbody\r\n"))
-    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.DELIVERED]
-    assert "SMTPUTF8" in results[0].text
+    assert [r.outcome for r in results] == [Outcome.DEFERRED, Outcome.DELIVERED]
+    assert "enable SMTPUTF8 on the local MTA" in results[0].text
+    assert results[0].text.startswith("4.6.7 ")
     assert handler.transactions[0].recipients == ["bob@example.org"]
     assert "SMTPUTF8" not in handler.transactions[0].mail_options
+
+
+def test_smtp_utf8_sender_without_smtputf8_defers() -> None:
+    envelope = Envelope("josé@example.net", ("bob@example.org",))
+    handler = RecordingHandler()
+    with ServerThread(handler, smtputf8=False) as server:
+        results = deliver(server, envelope, io.BytesIO(b"Subject: x\r\n\r\nbody\r\n"))
+    assert [r.outcome for r in results] == [Outcome.DEFERRED]
+    assert results[0].code == 451
+    assert "enable SMTPUTF8 on the local MTA" in results[0].text
+    assert handler.transactions == []
 
 
 def test_smtp_envelope_recorded_as_json_roundtrip() -> None:

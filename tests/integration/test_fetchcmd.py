@@ -45,3 +45,17 @@ def test_config_error_exit_78(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert str(config) in done.stderr
     assert "quarantine" in done.stderr
+
+
+def test_missing_files_exit_78(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "site.toml", pop3_port=1, mta_url="smtp://127.0.0.1:1",
+                          state=tmp_path / "missing" / "state.sqlite",
+                          quarantine=tmp_path / "quarantine",
+                          source_extra='ca_file = "/nonexistent/ca.pem"')
+    done = run_fetch(config)
+    assert done.returncode == 78, done.stderr
+    assert "source[0].ca_file = '/nonexistent/ca.pem': file not found" in done.stderr
+    config.write_text(config.read_text().replace('ca_file = "/nonexistent/ca.pem"', ""))
+    done = run_fetch(config)
+    assert done.returncode == 78, done.stderr
+    assert f"state = '{tmp_path}/missing/state.sqlite'" in done.stderr

@@ -27,6 +27,10 @@ CODE_TOO_MANY_RECIPIENTS = 452
 CODE_START_MAIL_INPUT = 354
 # RFC 6531 section 3.7.4.1 (and RFC 6533): non-ASCII address not permitted.
 STATUS_NON_ASCII = "5.6.7"
+# The same condition as a temporary failure (RFC 3463 section 3.1: class 4
+# with any subject and detail), for a local MTA that lacks SMTPUTF8: a
+# setting on this site, not a property of the message.
+STATUS_NON_ASCII_TEMPORARY = "4.6.7"
 # RFC 3463: "4.4.1 no answer from host", "4.4.2 bad connection".
 STATUS_NO_ANSWER = "4.4.1"
 STATUS_BAD_CONNECTION = "4.4.2"
@@ -49,12 +53,16 @@ class RecipientResult:
 
     ``code`` is the SMTP or LMTP reply code, or for the sendmail target the
     program's exit status; ``text`` is the reply text or a reason.
+    ``unreachable`` is True when the target could not be reached at all
+    (connection refused or timed out, no greeting), so that a caller can
+    stop sending it more messages.
     """
 
     recipient: str
     outcome: Outcome
     code: int
     text: str
+    unreachable: bool = False
 
 
 class Target(Protocol):

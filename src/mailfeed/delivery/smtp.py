@@ -18,14 +18,13 @@ import socket
 from typing import BinaryIO
 
 from mailfeed.delivery.base import (
-    CODE_ADDRESS_REJECTED,
     CODE_LOCAL_TEMPFAIL,
     CODE_START_MAIL_INPUT,
     CODE_TOO_MANY_RECIPIENTS,
     DEFAULT_TIMEOUT,
     STATUS_BAD_CONNECTION,
     STATUS_NO_ANSWER,
-    STATUS_NON_ASCII,
+    STATUS_NON_ASCII_TEMPORARY,
     Outcome,
     RecipientResult,
     outcome_for_code,
@@ -142,18 +141,20 @@ class _Transaction:
         self.recipients = envelope.recipients
         self.results: list[RecipientResult | None] = [None] * len(self.recipients)
 
-    def set(self, index: int, code: int, text: str, outcome: Outcome | None = None) -> None:
+    def set(self, index: int, code: int, text: str, outcome: Outcome | None = None,
+            *, unreachable: bool = False) -> None:
         result = RecipientResult(
-            self.recipients[index], outcome or outcome_for_code(code), code, text
+            self.recipients[index], outcome or outcome_for_code(code), code, text, unreachable
         )
         self.results[index] = result
 
     def open_indexes(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
 
-    def defer_open(self, text: str, code: int = CODE_LOCAL_TEMPFAIL) -> None:
+    def defer_open(self, text: str, code: int = CODE_LOCAL_TEMPFAIL, *,
+                   unreachable: bool = False) -> None:
         for index in self.open_indexes():
-            self.set(index, code, text, Outcome.DEFERRED)
+            self.set(index, code, text, Outcome.DEFERRED, unreachable=unreachable)
 
     def final(self) -> list[RecipientResult]:
         done = [r for r in self.results if r is not None]
@@ -195,15 +196,17 @@ class _SmtpFamilyTarget:
         start = message.tell()
         size, eight_bit = _scan(message)
         conn: smtplib.SMTP | None = None
+        greeted = False
         try:
             conn = self._connect()
             self._greet(conn)
+            greeted = True
             self._run(conn, envelope, message, start, size, eight_bit, state)
         except (OSError, smtplib.SMTPException) as exc:
             reason = _describe_error(exc)
             log.warning("delivery to %s failed: %s", self.peer, reason)
             status = STATUS_NO_ANSWER if isinstance(exc, TimeoutError) else STATUS_BAD_CONNECTION
-            state.defer_open(f"{status} {self.peer}: {reason}")
+            state.defer_open(f"{status} {self.peer}: {reason}", unreachable=not greeted)
         finally:
             if conn is not None:
                 _close(conn)
@@ -230,27 +233,21 @@ class _SmtpFamilyTarget:
         eight_bit: bool,
         state: _Transaction,
     ) -> None:
+        # A non-ASCII address that the local server cannot take is deferred,
+        # not failed: the fix is on this site (enable SMTPUTF8), and a failure
+        # would bounce or drop mail that the MX host accepted.
         utf8_offered = conn.has_extn("smtputf8")
         need_utf8 = _needs_utf8(envelope.sender)
         if need_utf8 and not utf8_offered:
-            for index in state.open_indexes():
-                state.set(
-                    index,
-                    CODE_ADDRESS_REJECTED,
-                    f"{STATUS_NON_ASCII} sender {envelope.sender!r} needs SMTPUTF8, "
-                    f"which {self.peer} does not offer",
-                )
+            text = self._no_smtputf8(f"sender {envelope.sender!r}")
+            state.defer_open(text)
             return
         for index in state.open_indexes():
             rcpt = envelope.recipients[index]
             if _needs_utf8(rcpt):
                 if not utf8_offered:
-                    state.set(
-                        index,
-                        CODE_ADDRESS_REJECTED,
-                        f"{STATUS_NON_ASCII} recipient {rcpt!r} needs SMTPUTF8, "
-                        f"which {self.peer} does not offer",
-                    )
+                    text = self._no_smtputf8(f"recipient {rcpt!r}")
+                    state.set(index, CODE_LOCAL_TEMPFAIL, text, Outcome.DEFERRED)
                 else:
                     need_utf8 = True
 
@@ -269,6 +266,13 @@ class _SmtpFamilyTarget:
                 return
             message.seek(start)
             self._send_data(conn, accepted, message, state)
+
+    def _no_smtputf8(self, what: str) -> str:
+        """Log and return the reason for a non-ASCII address the server cannot take."""
+        text = (f"{STATUS_NON_ASCII_TEMPORARY} {what} needs SMTPUTF8, which {self.peer} does "
+                "not offer: enable SMTPUTF8 on the local MTA")
+        log.warning("delivery to %s deferred: %s", self.peer, text)
+        return text
 
     def _one_transaction(
         self, conn: smtplib.SMTP, mail_line: str, envelope: Envelope, state: _Transaction
