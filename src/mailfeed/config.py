@@ -18,17 +18,18 @@ The site table maps a site name to its spool::
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from mailfeed.errors import ConfigError, UnknownSite
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "DEFAULT_MX_CONFIG",
@@ -252,15 +253,68 @@ class Section:
             return
         hints = []
         for key in unknown:
+            import difflib  # only on this error path: mailfeed-fwd starts once per message
+
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hints.append(self.key(key) + (f" (did you mean {close[0]}?)" if close else ""))
         noun = "setting" if len(unknown) == 1 else "settings"
         raise ConfigError(f"{self.path}: unknown {noun} {', '.join(hints)}")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Limits that apply to every message the MX side stores."""
+class _Value:
+    """An immutable value, compared, hashed and shown by its ``_fields``.
+
+    The settings classes below are plain classes, not frozen dataclasses:
+    ``dataclasses`` imports ``inspect``, and mailfeed-fwd, one process per
+    message, would pay for that on every message.
+    """
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Value)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({shown})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of {type(self).__name__}")
+
+    def __reduce__(self) -> tuple[type[Self], tuple[Any, ...]]:
+        return (type(self), self._values())
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a copy with the given fields changed."""
+        values = dict(zip(self._fields, self._values(), strict=True))
+        values.update(changes)
+        return type(self)(**values)
+
+
+class Limits(_Value):
+    """Limits that apply to every message the MX side stores.
+
+    The class attributes are the defaults.
+    """
+
+    _fields = ("max_message_size", "max_recipients", "deadline", "lock_timeout")
 
     # Octets of message data accepted (0: no limit).
     max_message_size: int = 100 * 1024 * 1024
@@ -270,27 +324,64 @@ class Limits:
     # Seconds to wait for an mbox lock.
     lock_timeout: float = 30.0
 
+    def __init__(
+        self,
+        max_message_size: int = max_message_size,
+        max_recipients: int = max_recipients,
+        deadline: float = deadline,
+        lock_timeout: float = lock_timeout,
+    ) -> None:
+        self._set(max_message_size=max_message_size, max_recipients=max_recipients,
+                  deadline=deadline, lock_timeout=lock_timeout)
 
-@dataclass(frozen=True)
-class SiteConfig:
+
+class SiteConfig(_Value):
     """One site: where and how its mailbox is stored."""
+
+    __slots__ = ("addresses", "command", "domains", "format", "name", "path")
+    _fields = ("name", "format", "path", "domains", "addresses", "command")
 
     name: str
     format: str
     path: Path
-    domains: tuple[str, ...] = ()
-    addresses: tuple[str, ...] = ()
-    command: tuple[str, ...] = ()
+    domains: tuple[str, ...]
+    addresses: tuple[str, ...]
+    command: tuple[str, ...]
+
+    def __init__(
+        self,
+        name: str,
+        format: str,
+        path: Path,
+        domains: tuple[str, ...] = (),
+        addresses: tuple[str, ...] = (),
+        command: tuple[str, ...] = (),
+    ) -> None:
+        self._set(name=name, format=format, path=path, domains=domains,
+                  addresses=addresses, command=command)
 
 
-@dataclass(frozen=True)
-class MxSpoolConfig:
+class MxSpoolConfig(_Value):
     """The MX side's spool settings: the sites and the limits."""
+
+    __slots__ = ("limits", "sites", "source", "spool_root")
+    _fields = ("source", "spool_root", "sites", "limits")
 
     source: str
     spool_root: Path
-    sites: dict[str, SiteConfig] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
+    sites: dict[str, SiteConfig]
+    limits: Limits
+
+    def __init__(
+        self,
+        source: str,
+        spool_root: Path,
+        sites: dict[str, SiteConfig] | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self._set(source=source, spool_root=spool_root,
+                  sites={} if sites is None else sites,
+                  limits=Limits() if limits is None else limits)
 
     def site(self, name: str) -> SiteConfig:
         validate_site_name(name)

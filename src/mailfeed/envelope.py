@@ -41,9 +41,10 @@ on binary streams.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
 
 __all__ = [
     "DEFAULT_MAX_RECIPIENTS",
@@ -98,35 +99,92 @@ class BlockDefect(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
 class Envelope:
-    """An SMTP envelope: the sender ("" is the null sender) and recipients."""
+    """An SMTP envelope: the sender ("" is the null sender) and recipients.
+
+    Immutable, compared and hashed by value.  A plain class, not a
+    dataclass: ``dataclasses`` imports ``inspect``, a cost that
+    mailfeed-fwd would pay once per message.
+    """
+
+    __slots__ = ("recipients", "sender")
 
     sender: str
     recipients: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        validate_address(self.sender, allow_null=True)
-        if not self.recipients:
+    def __init__(self, sender: str, recipients: tuple[str, ...]) -> None:
+        validate_address(sender, allow_null=True)
+        if not recipients:
             raise InvalidAddress("an envelope needs at least one recipient")
-        for rcpt in self.recipients:
+        for rcpt in recipients:
             validate_address(rcpt)
+        object.__setattr__(self, "sender", sender)
         # One delivery per recipient: drop exact repeats, keeping the order.
-        object.__setattr__(self, "recipients", tuple(dict.fromkeys(self.recipients)))
+        object.__setattr__(self, "recipients", tuple(dict.fromkeys(recipients)))
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Envelope)
+        return (self.sender, self.recipients) == (other.sender, other.recipients)
+
+    def __hash__(self) -> int:
+        return hash((self.sender, self.recipients))
+
+    def __repr__(self) -> str:
+        return f"Envelope(sender={self.sender!r}, recipients={self.recipients!r})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of an Envelope")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of an Envelope")
+
+    def __reduce__(self) -> tuple[type[Envelope], tuple[str, tuple[str, ...]]]:
+        return (Envelope, (self.sender, self.recipients))
 
 
-@dataclass(frozen=True)
 class Block:
     """A parsed block: its envelope, its size in octets and any extensions.
 
     ``length`` is the number of octets the block occupies at the start of the
     message (including any allowed trace lines above it), so the message
-    proper starts at that offset.
+    proper starts at that offset.  Immutable, compared by value.
     """
+
+    __slots__ = ("envelope", "extensions", "length")
 
     envelope: Envelope
     length: int
-    extensions: Mapping[str, str] = field(default_factory=dict)
+    extensions: Mapping[str, str]
+
+    def __init__(
+        self, envelope: Envelope, length: int, extensions: Mapping[str, str] | None = None
+    ) -> None:
+        object.__setattr__(self, "envelope", envelope)
+        object.__setattr__(self, "length", length)
+        object.__setattr__(self, "extensions", {} if extensions is None else extensions)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Block)
+        return (self.envelope, self.length, self.extensions) == (
+            other.envelope, other.length, other.extensions)
+
+    def __hash__(self) -> int:
+        # As a frozen dataclass: hashing fails on the extensions dict.
+        return hash((self.envelope, self.length, self.extensions))
+
+    def __repr__(self) -> str:
+        return (f"Block(envelope={self.envelope!r}, length={self.length!r}, "
+                f"extensions={self.extensions!r})")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r} of a Block")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} of a Block")
 
 
 def _find_control(text: str) -> str | None:

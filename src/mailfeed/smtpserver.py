@@ -712,8 +712,8 @@ class SmtpServer:
             trace = received(recipient=recipients[0] if len(recipients) == 1 else None)
             site_limits = limits
             if limits.max_message_size:
-                site_limits = dataclasses.replace(
-                    limits, max_message_size=limits.max_message_size + len(trace)
+                site_limits = limits.replace(
+                    max_message_size=limits.max_message_size + len(trace)
                 )
             try:
                 envelope = Envelope(sender, tuple(recipients))

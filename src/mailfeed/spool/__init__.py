@@ -15,26 +15,28 @@ concurrent calls from threads are safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from mailfeed.config import Limits, SiteConfig
 from mailfeed.envelope import Envelope
 from mailfeed.errors import ConfigError, DataError
 from mailfeed.spool.prepare import PreparedMessage
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 __all__ = ["StoredMessage", "store_message"]
 
 
-@dataclass(frozen=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
     """Where a message was stored and its sizes.
 
     ``location`` is the Maildir file, the mbox path, or ``pipe:<command>``.
     ``size`` is S, the octets of block plus message as a reader gets them
     (for an mbox: after removing the quoting, with LF line ends), and
-    ``wsize`` is W, the same with every bare LF counted as CRLF.
+    ``wsize`` is W, the same with every bare LF counted as CRLF.  A
+    NamedTuple, not a dataclass: ``dataclasses`` imports ``inspect``, which
+    mailfeed-fwd would pay for on every message.
     """
 
     location: str
