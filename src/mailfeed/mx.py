@@ -12,6 +12,9 @@ Signals:
   ``shutdown_grace`` seconds, wait for storage under way, and exit 0.
 * SIGHUP: reload the sites, limits, TLS files and credentials.  A new
   configuration that fails to load is logged and the old one stays in force.
+  At start and on reload ``spool_root`` and the folder above each site's
+  spool must exist (:func:`mailfeed.mxconfig.check_spool_paths`); at start a
+  missing one exits 78 (EX_CONFIG) naming the key and the path.
   Listen addresses change only on restart.
 
 ``--ready-file PATH`` receives, once every socket listens, a JSON object with
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, config_path
 from mailfeed.errors import ConfigError, MailfeedError
-from mailfeed.mxconfig import MxConfig, load_mx_config
+from mailfeed.mxconfig import MxConfig, check_spool_paths, load_mx_config
 
 if TYPE_CHECKING:
     from mailfeed.passwd import PasswdFile
@@ -86,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     path = config_path(args.config)
     config = load_mx_config(path)
+    check_spool_paths(config)
     daemon = MxDaemon(path, config, ready_file=Path(args.ready_file) if args.ready_file else None)
     return asyncio.run(daemon.serve())
 
@@ -160,6 +164,7 @@ class MxDaemon:
         log.info("received SIGHUP: reloading %s", self.path)
         try:
             config = load_mx_config(self.path)
+            check_spool_paths(config)
             tls_context = make_tls_context(config)
             self.pop3.check(config)
         except (MailfeedError, OSError) as exc:

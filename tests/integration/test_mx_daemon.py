@@ -413,3 +413,51 @@ def test_200mb_message_through_smtp_and_pop3(setup: Path) -> None:
     assert after_smtp < RSS_LIMIT_KIB
     assert after_pop3 < RSS_LIMIT_KIB
     assert at_exit < RSS_LIMIT_KIB
+
+
+def run_mx(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mailfeed mx`` in the foreground; it must exit by itself."""
+    argv = [script("mailfeed"), "mx", "--config", str(config)]
+    return run(argv, env=environment(), timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_mx_refuses_bad_spool_root(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "nonexist" / "spool"
+    if kind == "file":
+        root = tmp_path / "spool-file"
+        root.write_bytes(b"")
+    config = tmp_path / "mx.toml"
+    config.write_text(CONFIG.replace("{root}/spool", str(root)).format(root=tmp_path))
+    result = run_mx(config)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert f"spool_root = {str(root)!r}" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_mx_refuses_missing_site_parent(setup: Path) -> None:
+    setup.write_text(
+        setup.read_text() + '\n[sites.site1]\npath = "/nonexist-mailfeed/site1"\n'
+        'domains = ["example.org"]\n'
+    )
+    result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert "sites.site1.path = '/nonexist-mailfeed/site1'" in err
+
+
+def test_sighup_keeps_config_when_spool_root_missing(
+    daemon_with_site: tuple[Daemon, Path],
+) -> None:
+    daemon, config = daemon_with_site
+    good = config.read_text()
+    missing = config.parent / "gone"
+    config.write_text(good.replace(str(config.parent / "spool"), str(missing)))
+    daemon.signal(signal.SIGHUP)
+    line = daemon.wait_for("reload failed")
+    assert f"spool_root = {str(missing)!r} does not exist" in line
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as smtp:
+        smtp.sendmail("alice@example.net", ["bob@example.org"], MESSAGE)
+    assert len(stored_files(config.parent / "spool" / "site1")) == 1
