@@ -27,6 +27,10 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
   ``<CRLF>.<CRLF>``, so ``<LF>.<LF>`` and ``<LF>.<CRLF>`` never end a message
   early, and the rejection drops the whole data, so text smuggled after them
   never becomes a second message.
+* A repeated RCPT is accepted and stored once.  Only exact repeats count:
+  the local part is compared as sent (RFC 5321 section 2.4, so
+  ``Bob@example.org`` and ``bob@example.org`` are two recipients, as Postfix
+  keeps them), the domain without regard to case (:func:`recipient_key`).
 * A transaction whose recipients belong to several sites is stored once per
   site, each copy with only that site's recipients in its block and its own
   ``Received:`` field (RFC 5321 section 4.4) between block and message.
@@ -89,6 +93,7 @@ __all__ = [
     "check_recipient",
     "find_bare_newline",
     "free_space",
+    "recipient_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,6 +183,20 @@ def check_recipient(routing: Routing, address: str, raw_argument: str) -> SiteCo
     if ROUTING_CHARACTERS.intersection(local):
         return None
     return routing.site_for(address)
+
+
+def recipient_key(address: str) -> str:
+    """Return the form of an address that detects a repeated RCPT.
+
+    The local part is kept exactly, because it is case-sensitive (RFC 5321
+    section 2.4): ``Bob@example.org`` and ``bob@example.org`` may be two
+    mailboxes, and the site's MTA decides.  The domain is case-insensitive
+    (RFC 5321 section 2.4, RFC 1035 section 2.3.3), so it is lower-cased.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return f"{local}@{domain.lower()}"
 
 
 def protocol_name(*, extended: bool, utf8: bool, tls: bool) -> str:
@@ -356,7 +375,8 @@ class MxHandler:
                 smtp.session_id, smtp.peer, site.name, site.path,
             )
             return ERR_NO_SPACE
-        if any(known.lower() == address.lower() for known in envelope.rcpt_tos):
+        key = recipient_key(address)
+        if any(recipient_key(known) == key for known in envelope.rcpt_tos):
             return OK_RECIPIENT
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)

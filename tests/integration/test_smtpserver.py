@@ -157,10 +157,15 @@ def test_recipients_split_per_site(server: LoopServer, tmp_path: Path) -> None:
 
 
 def test_duplicate_recipient_stored_once(server: LoopServer, tmp_path: Path) -> None:
+    # Local parts are case-sensitive (RFC 5321 section 2.4): only the domain
+    # is compared without regard to case.
+    recipients = ["bob@example.org", "Bob@EXAMPLE.org", "bob@EXAMPLE.ORG", "Bob@example.org",
+                  "BOB@example.org"]
     with smtplib.SMTP("127.0.0.1", server.port) as client:
-        client.sendmail("alice@example.net", ["bob@example.org", "BOB@example.org"], MESSAGE)
-    block = parse_block(stored_files(spool(tmp_path, "site1"))[0].read_bytes())
-    assert block.envelope.recipients == ("bob@example.org",)
+        client.sendmail("alice@example.net", recipients, MESSAGE)
+    [stored] = stored_files(spool(tmp_path, "site1"))
+    block = parse_block(stored.read_bytes())
+    assert block.envelope.recipients == ("bob@example.org", "Bob@EXAMPLE.org", "BOB@example.org")
 
 
 def test_size_over_limit_refused(tmp_path: Path) -> None:
