@@ -11,6 +11,7 @@ import poplib
 import queue
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -461,3 +462,37 @@ def test_sighup_keeps_config_when_spool_root_missing(
     with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as smtp:
         smtp.sendmail("alice@example.net", ["bob@example.org"], MESSAGE)
     assert len(stored_files(config.parent / "spool" / "site1")) == 1
+
+
+@pytest.mark.parametrize("key", ["smtp_listen", "pop3_listen"])
+def test_mx_listen_address_in_use(setup: Path, key: str) -> None:
+    site_add(setup, "site1", "example.org")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        text = setup.read_text().replace(
+            f'{key} = ["127.0.0.1:0"]', f'{key} = ["127.0.0.1:{port}"]'
+        )
+        setup.write_text(text)
+        result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 75, err
+    assert "Traceback" not in err
+    assert f"mx.{key} = '127.0.0.1:{port}': cannot listen" in err.splitlines()[-1]
+
+
+def test_mx_listen_address_not_on_host(setup: Path) -> None:
+    # 203.0.113.1 (RFC 5737 TEST-NET-3) is on no interface here: bind fails
+    # locally and nothing is sent anywhere.
+    setup.write_text(setup.read_text().replace(
+        'smtp_listen = ["127.0.0.1:0"]', 'smtp_listen = ["203.0.113.1:0"]'
+    ))
+    result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        f"mailfeed mx: {setup}: mx.smtp_listen = '203.0.113.1:0': cannot listen: "
+        + err.split("cannot listen: ", 1)[1].rstrip("\n")
+    ]
