@@ -11,6 +11,7 @@ that name.  Then it
 3. appends a ``[sites."NAME"]`` table to the configuration file, leaving the
    existing text untouched.
 
+An unsupported ``--scheme`` exits 64 (EX_USAGE) naming the supported ones.
 Each append is flushed and fsynced.  The password is read from a file or from
 standard input, never from the command line, and is never printed or logged.
 Send SIGHUP to a running ``mailfeed mx`` to make it serve the new site.
@@ -28,7 +29,7 @@ from pathlib import Path
 from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, SiteConfig, validate_site_name
 from mailfeed.errors import ConfigError, UnknownSite, UsageError
 
-__all__ = ["add_arguments", "add_site", "run", "site_table"]
+__all__ = ["add_arguments", "add_site", "check_scheme", "run", "site_table"]
 
 PASSWD_MODE = 0o600
 SPOOL_DIR_MODE = 0o700
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(config_path(args.config))
     if args.action == "list":
         return list_sites(path)
+    check_scheme(args.scheme)
     password = read_password(args.password_file, args.password_stdin)
     passwd_file = Path(args.passwd_file) if args.passwd_file else None
     site = add_site(
@@ -90,6 +92,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"site {site.name} added: spool {site.path}; send SIGHUP to mailfeed mx to serve it")
     return 0
+
+
+def check_scheme(scheme: str) -> None:
+    """Raise UsageError unless ``site add`` can hash passwords with ``scheme``."""
+    from mailfeed.passwd import HASH_SCHEMES
+
+    if scheme.upper() not in HASH_SCHEMES:
+        raise UsageError(
+            f"--scheme {scheme!r} is not supported; use one of {', '.join(HASH_SCHEMES)}"
+        )
 
 
 def read_password(password_file: str | None, from_stdin: bool) -> str:
@@ -154,6 +166,7 @@ def add_site(
         validate_site_name(name)
     except UnknownSite as exc:
         raise UsageError(str(exc)) from None
+    check_scheme(scheme)
     if not domains and not addresses:
         raise UsageError("give at least one --domain or --address for the site")
 

@@ -496,3 +496,21 @@ def test_mx_listen_address_not_on_host(setup: Path) -> None:
         f"mailfeed mx: {setup}: mx.smtp_listen = '203.0.113.1:0': cannot listen: "
         + err.split("cannot listen: ", 1)[1].rstrip("\n")
     ]
+
+
+@pytest.mark.parametrize("scheme", ["MD5", "CRYPT"])
+def test_site_add_unsupported_scheme(setup: Path, scheme: str) -> None:
+    before = setup.read_text()
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
+            "--domain", "example.org", "--password-stdin", "--scheme", scheme]
+    result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
+    err = result.stderr.decode()
+    assert result.returncode == 64, err
+    assert err.splitlines() == [
+        f"mailfeed site: --scheme {scheme!r} is not supported; use one of ARGON2I, ARGON2ID, "
+        "CLEARTEXT, PLAIN, SCRAM-SHA-256, SHA256, SHA256-CRYPT, SHA512, SHA512-CRYPT, "
+        "SSHA256, SSHA512"
+    ]
+    assert setup.read_text() == before
+    assert not (setup.parent / "passwd").exists()
+    assert not (setup.parent / "spool" / "site1").exists()
