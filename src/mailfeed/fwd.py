@@ -213,8 +213,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         # Every failure, including an unexpected one, becomes a sysexits code.
         code = exit_code_for(exc)
-        _report(describe(exc))
+        text = describe(exc)
+        if isinstance(exc, PermissionError):
+            text += f"; {PROG} runs as {_user()}: make the spool writable by that user"
+        _report(text)
         return code
+
+
+def _user() -> str:
+    """Describe the effective user, for permission errors."""
+    import pwd
+
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "?"
+    return f"user {name} (uid {uid}, gid {gid})"
 
 
 if __name__ == "__main__":

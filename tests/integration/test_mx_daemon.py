@@ -9,6 +9,7 @@ import json
 import os
 import poplib
 import queue
+import shutil
 import signal
 import smtplib
 import socket
@@ -25,7 +26,16 @@ from mailfeed import pop3client
 from mailfeed.envelope import parse_block
 from mailfeed.pop3client import RetrResult, TlsMode
 from tests.integration.smtp_support import RawClient, stored_files, tmp_files
-from tests.support import ROOT, run, script
+from tests.support import (
+    ROOT,
+    RUN_USER,
+    as_run_user,
+    is_root,
+    run,
+    run_user_ids,
+    script,
+    shared_tmpdir,
+)
 
 PASSWORD = "pw-site1-example"
 RSS_PROBE = Path(__file__).resolve().parent.parent / "rss_probe.py"
@@ -513,4 +523,59 @@ def test_site_add_unsupported_scheme(setup: Path, scheme: str) -> None:
     ]
     assert setup.read_text() == before
     assert not (setup.parent / "passwd").exists()
+    assert not (setup.parent / "spool" / "site1").exists()
+
+
+@pytest.fixture
+def shared_config() -> Iterator[Path]:
+    """A configuration in a folder the unprivileged test user may read."""
+    if not is_root():
+        pytest.skip("site add --owner and running fwd as another user need root")
+    folder = shared_tmpdir()
+    try:
+        config = folder / "mx.toml"
+        config.write_text(f'spool_root = "{folder}/spool"\n')
+        yield config
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fwd_as_run_user(config: Path) -> subprocess.CompletedProcess[bytes]:
+    argv = as_run_user([script("mailfeed-fwd"), "--config", str(config), "site1",
+                        "alice@example.net", "bob@example.org"])
+    return run(argv, stdin=MESSAGE, env=environment())
+
+
+def test_site_add_owner_lets_fwd_store(shared_config: Path) -> None:
+    site_add(shared_config, "site1", "example.org", "--owner", RUN_USER)
+    uid, gid = run_user_ids()
+    spool_root = shared_config.parent / "spool"
+    for path in (spool_root, spool_root / "site1", spool_root / "site1" / "new"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (uid, gid), path
+    result = fwd_as_run_user(shared_config)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(stored_files(spool_root / "site1")) == 1
+
+
+def test_fwd_permission_error_names_path_and_user(shared_config: Path) -> None:
+    site_add(shared_config, "site1", "example.org")
+    result = fwd_as_run_user(shared_config)
+    err = result.stderr.decode()
+    assert result.returncode == 75, err
+    uid, gid = run_user_ids()
+    site = shared_config.parent / "spool" / "site1"
+    assert err == (
+        f"mailfeed-fwd: Permission denied: {site}; mailfeed-fwd runs as user {RUN_USER} "
+        f"(uid {uid}, gid {gid}): make the spool writable by that user\n"
+    )
+
+
+def test_site_add_unknown_owner(setup: Path) -> None:
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
+            "--domain", "example.org", "--password-stdin", "--owner", "nosuchuser-mf:mail"]
+    result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
+    assert result.returncode == 64
+    assert result.stderr == (
+        b"mailfeed site: --owner 'nosuchuser-mf:mail': no user 'nosuchuser-mf' on this host\n"
+    )
     assert not (setup.parent / "spool" / "site1").exists()
