@@ -30,7 +30,10 @@ from tests.support import (
     ROOT,
     RUN_USER,
     as_run_user,
+    cleanup_at_exit,
+    forget_at_exit,
     is_root,
+    kill_process,
     run,
     run_user_ids,
     script,
@@ -76,7 +79,8 @@ def site_add(
 class Daemon:
     """A ``mailfeed mx`` process whose stderr lines are collected by a thread."""
 
-    def __init__(self, config: Path, *, rss_file: Path | None = None, **env: str) -> None:
+    def __init__(self, config: Path, *, rss_file: Path | None = None,
+                 start_timeout: float = 30, **env: str) -> None:
         self.ready_file = config.with_name("ready.json")
         argv = [script("mailfeed"), "mx", "--config", str(config), "--ready-file",
                 str(self.ready_file), "-v"]
@@ -88,12 +92,20 @@ class Daemon:
             stderr=subprocess.PIPE,
             env=environment(**env),
         )
+        self.pid = self.process.pid
+        # If no teardown stops it (a test or fixture that crashes before
+        # stop, a pytest that is interrupted), kill it when Python exits.
+        cleanup_at_exit(self.process.pid, self.kill)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.wait_for("mailfeed mx started")
-        self.ready = json.loads(self.ready_file.read_text())
+        try:
+            self.wait_for("mailfeed mx started", timeout=start_timeout)
+            self.ready = json.loads(self.ready_file.read_text())
+        except BaseException:
+            self.kill()
+            raise
         self.pid = int(self.ready["pid"])
         self.smtp_port = self.ready["smtp"][0][1]
         self.pop3_port = self.ready["pop3"][0][1] if self.ready.get("pop3") else None
@@ -123,15 +135,26 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-        code = self.process.wait(timeout=30)
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM the daemon and wait; SIGKILL it if it outlives ``timeout``."""
+        try:
+            if self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
         self.reader.join(timeout=10)
         while not self.lines.empty():
             self.log.append(self.lines.get())
-        return code
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (the pid this object started) if it still runs."""
+        kill_process(self.process, self.pid)
+        forget_at_exit(self.process.pid)
 
 
 @pytest.fixture
@@ -146,8 +169,10 @@ def setup(tmp_path: Path) -> Path:
 def daemon_with_site(setup: Path) -> Iterator[tuple[Daemon, Path]]:
     site_add(setup, "site1", "example.org")
     daemon = Daemon(setup)
-    yield daemon, setup
-    daemon.stop()
+    try:
+        yield daemon, setup
+    finally:
+        daemon.stop()
 
 
 def test_site_add_then_pop3_retrieves_exact_bytes(setup: Path) -> None:
@@ -579,3 +604,39 @@ def test_site_add_unknown_owner(setup: Path) -> None:
         b"mailfeed site: --owner 'nosuchuser-mf:mail': no user 'nosuchuser-mf' on this host\n"
     )
     assert not (setup.parent / "spool" / "site1").exists()
+
+
+def processes_naming(text: str) -> list[int]:
+    """Return the pids whose command line contains ``text`` (to observe, not to kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_daemon_killed_when_start_fails(setup: Path) -> None:
+    with pytest.raises(pytest.fail.Exception):
+        Daemon(setup, start_timeout=0.001)
+    assert processes_naming(str(setup)) == []
+
+
+def test_daemon_left_running_is_killed_at_exit(setup: Path) -> None:
+    site_add(setup, "site1", "example.org")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tests.integration.test_mx_daemon import Daemon; "
+        "d = Daemon(Path(sys.argv[1])); print(d.pid, flush=True); sys.exit(3)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(setup)], capture_output=True, text=True,
+        env=environment(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'src'}"), cwd=ROOT,
+        timeout=60, check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert processes_naming(str(setup)) == []
