@@ -12,9 +12,9 @@ Signals:
   ``shutdown_grace`` seconds, wait for storage under way, and exit 0.
 * SIGHUP: reload the sites, limits, TLS files and credentials.  A new
   configuration that fails to load is logged and the old one stays in force.
-  At start and on reload ``spool_root`` and the folder above each site's
-  spool must exist (:func:`mailfeed.mxconfig.check_spool_paths`); at start a
-  missing one exits 78 (EX_CONFIG) naming the key and the path.
+  At start and on reload, ``spool_root`` and the folder above each site's
+  spool must exist (:func:`mailfeed.mxconfig.check_spool_paths`).  At start
+  a missing one exits 78 (EX_CONFIG) with the key and the path.
   Listen addresses change only on restart.
 
 A listen address that cannot be bound ends the start with one line naming

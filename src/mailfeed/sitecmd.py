@@ -6,10 +6,10 @@ may claim its domains or addresses, which is checked by parsing the whole
 configuration with the new table added.  The passwd-file must have no user of
 that name.  Then it
 
-1. creates the spool (a Maildir with mode 0700, or the folder of an mbox);
-   with ``--owner USER[:GROUP]`` the folders it created and the site's spool
-   are given to that user, the one the MTA runs ``mailfeed-fwd`` as (an
-   unknown user or group exits 64 before anything is written);
+1. creates the spool (a Maildir with mode 0700, or the folder of an mbox).
+   With ``--owner USER[:GROUP]`` it gives the folders it created and the
+   site's spool to that user, the one the MTA runs ``mailfeed-fwd`` as.  An
+   unknown user or group exits 64 before anything is written;
 2. appends ``NAME:{ARGON2ID}...`` to the passwd-file, created with mode 0600;
 3. appends a ``[sites."NAME"]`` table to the configuration file, leaving the
    existing text untouched.

@@ -344,7 +344,7 @@ class MxHandler:
         limit = self.server.spool.limits.max_message_size
         if limit and declared > limit:
             log.info(
-                "session=%s peer=%s message refused at MAIL: SIZE=%d over the limit of %d",
+                "session=%s peer=%s message rejected at MAIL: SIZE=%d exceeds the limit of %d",
                 smtp.session_id, smtp.peer, declared, limit,
             )
             return ERR_DECLARED_TOO_BIG.format(limit=limit)
@@ -584,9 +584,9 @@ class MxSMTP(SMTP):
         await self.push(reply)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd 1.4 answers an over-limit SIZE= itself with a bare "552"
-        # and logs nothing; hide the limit from it so that
-        # MxHandler.handle_MAIL answers 552 5.3.4 and logs the refusal.
+        # aiosmtpd 1.4 replies to an over-limit SIZE= itself with a bare
+        # "552" and logs nothing.  Hiding the limit from it lets
+        # MxHandler.handle_MAIL send 552 5.3.4 and log the rejection.
         limit = self.data_size_limit
         self.data_size_limit = None
         try:

@@ -195,7 +195,7 @@ def test_size_over_limit_refused(tmp_path: Path, caplog: pytest.LogCaptureFixtur
                 and ("refused" in r.getMessage() or "rejected" in r.getMessage())]
     assert len(refusals) == 2, refusals
     assert refusals[0].startswith("session=S1 peer=('127.0.0.1', ")
-    assert refusals[0].endswith("message refused at MAIL: SIZE=5000 over the limit of 1000")
+    assert refusals[0].endswith("message rejected at MAIL: SIZE=5000 exceeds the limit of 1000")
     assert refusals[1].startswith("session=S1 peer=('127.0.0.1', ")
     assert "message rejected: message too big after " in refusals[1]
 
