@@ -66,7 +66,9 @@ MAILBOXES = ("alice", "bob", "carol", "dave")
 SENDERS = ("news@list.demo.example", "someone@elsewhere.demo.example", "bounce+x=y@demo.example")
 # One message in NULL_SENDER_EVERY goes with the null sender, as bounces do.
 NULL_SENDER_EVERY = 7
-# One message in DUPLICATE_RCPT_EVERY names one recipient twice in RCPT TO.
+# One message in DUPLICATE_RCPT_EVERY names one recipient twice in RCPT TO,
+# the second time with the domain in upper case.  Only the domain is
+# case-insensitive (RFC 5321 section 2.4), so the MX stores it once.
 DUPLICATE_RCPT_EVERY = 11
 MAX_RECIPIENTS = 4
 # RFC 5321 section 4.5.3.1.6 limits lines to 998 octets plus CRLF.
@@ -153,7 +155,14 @@ class Submission:
 
     @property
     def unique_recipients(self) -> list[str]:
+        # The site's mailboxes: its local delivery ignores case.
         return list(dict.fromkeys(rcpt.lower() for rcpt in self.recipients))
+
+
+def rcpt_key(address: str) -> str:
+    """Return the address with its domain in lower case: its local part is case-sensitive."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}"
 
 
 def plan_envelopes(files: Sequence[Path], seed: int) -> list[Submission]:
@@ -166,7 +175,8 @@ def plan_envelopes(files: Sequence[Path], seed: int) -> list[Submission]:
         count = rng.randint(1, MAX_RECIPIENTS)
         recipients = rng.sample(addresses, count)
         if index % DUPLICATE_RCPT_EVERY == 0:
-            recipients.append(recipients[0].upper())
+            local, _, domain = recipients[0].rpartition("@")
+            recipients.append(f"{local}@{domain.upper()}")
         plan.append(Submission(path, as_received_by_mta(path.read_bytes()), sender, recipients))
     return plan
 
@@ -385,7 +395,7 @@ def stored_files(spool: Path) -> Iterator[Path]:
         yield from sorted((spool / sub).iterdir())
 
 
-# (sender, digest of the normalised message, recipients in lower case)
+# (sender, digest of the normalised message, recipients with lower-case domains)
 EnvelopeKey = tuple[str, str, tuple[str, ...]]
 
 
@@ -398,7 +408,7 @@ def expected_per_site(plan: Sequence[Submission]) -> dict[str, collections.Count
         for rcpt in item.recipients:
             by_site.setdefault(site_of(rcpt), []).append(rcpt)
         for site, rcpts in by_site.items():
-            unique = tuple(dict.fromkeys(rcpt.lower() for rcpt in rcpts))
+            unique = tuple(dict.fromkeys(rcpt_key(rcpt) for rcpt in rcpts))
             expected[site][(item.sender, digest(item.data), unique)] += 1
     return expected
 
@@ -422,7 +432,7 @@ def check_spool(ws: Workspace, site: str, expected: collections.Counter[Envelope
                             "after the block")
         envelope = block.envelope
         key = (envelope.sender, digest(normalise(message)),
-               tuple(r.lower() for r in envelope.recipients))
+               tuple(rcpt_key(r) for r in envelope.recipients))
         found[key] += 1
     for key, count in (expected - found).items():
         problems.append(f"spool {site}: missing {count} message(s) with sender <{key[0]}>, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,3 +36,16 @@ def restore_root_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A make or CI job that is stopped sends SIGTERM, whose default action
+    # skips every fixture teardown and atexit handler and so leaves private
+    # Postfix masters and mailfeed mx daemons running.  As KeyboardInterrupt
+    # it ends the run the way Ctrl-C does, with teardowns.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)

@@ -7,16 +7,19 @@ reason when the program is missing, unless MAILFEED_REQUIRE_PEERS is set (as
 
 from __future__ import annotations
 
+import atexit
 import codecs
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +221,47 @@ def open_files_in(folder: Path) -> list[str]:
         if target.startswith(str(folder) + os.sep):
             targets.append(target)
     return targets
+
+
+# Processes that fixtures started and have not stopped yet, by pid.  A
+# teardown that never runs (a crash in a finaliser, a pytest killed by
+# SIGTERM or Ctrl-C between fixtures) must still not leave them running.
+_LEFT_AT_EXIT: dict[int, Callable[[], None]] = {}
+
+
+def cleanup_at_exit(key: int, cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` at interpreter exit unless :func:`forget_at_exit` is called first.
+
+    Use it for processes a fixture starts: the cleanup must stop them by the
+    pid the fixture started, never by name.
+    """
+    if not _LEFT_AT_EXIT:
+        atexit.register(_cleanup_left_over)
+    _LEFT_AT_EXIT[key] = cleanup
+
+
+def forget_at_exit(key: int) -> None:
+    """The fixture cleaned up ``key`` itself; drop its exit-time cleanup."""
+    _LEFT_AT_EXIT.pop(key, None)
+
+
+def _cleanup_left_over() -> None:
+    for key, cleanup in list(_LEFT_AT_EXIT.items()):
+        _LEFT_AT_EXIT.pop(key, None)
+        with contextlib.suppress(Exception):
+            cleanup()
+
+
+def kill_process(process: subprocess.Popen[bytes], *extra_pids: int,
+                 timeout: float = 10) -> None:
+    """SIGKILL ``process`` (and ``extra_pids`` it started) if still running, and reap it."""
+    # While process runs, the pids it started are its children or not yet
+    # reaped, so they cannot belong to another process.
+    for pid in extra_pids:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)

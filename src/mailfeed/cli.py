@@ -41,7 +41,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 
 def _usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
-    lines = ["usage: mailfeed COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: mailfeed [--version] COMMAND [ARGS...]", "", "commands:"]
     for name, sub in SUBCOMMANDS.items():
         lines.append(f"  {name:<{width}}  {sub.summary}")
     lines.append("")
@@ -55,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else EX_USAGE
+    if args[0] == "--version":
+        from mailfeed import __version__
+
+        print(f"mailfeed {__version__}")
+        return 0
     name, rest = args[0], args[1:]
     sub = SUBCOMMANDS.get(name)
     if sub is None:

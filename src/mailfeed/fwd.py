@@ -65,6 +65,7 @@ the RCPTs, in the spool of SITE.  An empty SENDER or <> is the null sender.
 
   --config FILE  configuration file (default: $MAILFEED_CONFIG, else
                  /etc/mailfeed/mx.toml)
+  --version      print the program name and version, then exit
 """
 # Octets of standard input buffered per read.
 STDIN_BUFFER = 64 * 1024
@@ -82,8 +83,11 @@ class Args:
         self.recipients = recipients
 
 
-def parse_args(argv: Sequence[str]) -> Args | None:
-    """Parse the arguments; return None for ``--help``, raise UsageError if invalid."""
+def parse_args(argv: Sequence[str]) -> Args | str:
+    """Parse the arguments; return the text to print for ``--help`` or ``--version``.
+
+    Raise UsageError if the arguments are invalid.
+    """
     config: str | None = None
     positional: list[str] = []
     index = 0
@@ -96,7 +100,11 @@ def parse_args(argv: Sequence[str]) -> Args | None:
             positional.extend(argv[index:])
             break
         elif arg in ("-h", "--help"):
-            return None
+            return HELP
+        elif arg == "--version":
+            from mailfeed import __version__
+
+            return f"{PROG} {__version__}\n"
         elif arg == "--config":
             if index >= len(argv):
                 raise UsageError(f"option --config needs a FILE; {USAGE}")
@@ -160,8 +168,8 @@ def _ignore_stop_signals() -> None:
 def _run(argv: Sequence[str]) -> int:
     _on_stop_signals()
     args = parse_args(argv)
-    if args is None:
-        sys.stdout.write(HELP)
+    if isinstance(args, str):
+        sys.stdout.write(args)
         return EX_OK
     if os.geteuid() == 0:
         raise NotPermitted(
@@ -213,8 +221,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as exc:
         # Every failure, including an unexpected one, becomes a sysexits code.
         code = exit_code_for(exc)
-        _report(describe(exc))
+        text = describe(exc)
+        if isinstance(exc, PermissionError):
+            text += f"; {PROG} runs as {_user()}: make the spool writable by that user"
+        _report(text)
         return code
+
+
+def _user() -> str:
+    """Describe the effective user, for permission errors."""
+    import pwd
+
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "?"
+    return f"user {name} (uid {uid}, gid {gid})"
 
 
 if __name__ == "__main__":

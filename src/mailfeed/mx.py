@@ -12,7 +12,14 @@ Signals:
   ``shutdown_grace`` seconds, wait for storage under way, and exit 0.
 * SIGHUP: reload the sites, limits, TLS files and credentials.  A new
   configuration that fails to load is logged and the old one stays in force.
+  At start and on reload, ``spool_root`` and the folder above each site's
+  spool must exist (:func:`mailfeed.mxconfig.check_spool_paths`).  At start
+  a missing one exits 78 (EX_CONFIG) with the key and the path.
   Listen addresses change only on restart.
+
+A listen address that cannot be bound ends the start with one line naming
+the ``[mx]`` key and the address: exit 75 (EX_TEMPFAIL) when it is in use,
+78 (EX_CONFIG) otherwise (:func:`listen_error`).
 
 ``--ready-file PATH`` receives, once every socket listens, a JSON object with
 the bound addresses (so tests may listen on port 0)::
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -39,14 +47,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, config_path
-from mailfeed.errors import ConfigError, MailfeedError
-from mailfeed.mxconfig import MxConfig, load_mx_config
+from mailfeed.errors import ConfigError, MailfeedError, TempFailure
+from mailfeed.mxconfig import ListenAddress, MxConfig, check_spool_paths, load_mx_config
 
 if TYPE_CHECKING:
     from mailfeed.passwd import PasswdFile
     from mailfeed.pop3server import Pop3Server, Pop3Settings
 
-__all__ = ["MxDaemon", "add_arguments", "make_tls_context", "run"]
+__all__ = ["MxDaemon", "add_arguments", "listen_error", "make_tls_context", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
     path = config_path(args.config)
     config = load_mx_config(path)
+    check_spool_paths(config)
     daemon = MxDaemon(path, config, ready_file=Path(args.ready_file) if args.ready_file else None)
     return asyncio.run(daemon.serve())
 
@@ -104,6 +113,29 @@ def make_tls_context(config: MxConfig) -> ssl.SSLContext | None:
             f"{str(config.tls_key)!r}: cannot load the certificate and key: {exc}"
         ) from None
     return context
+
+
+def listen_error(
+    config: MxConfig, key: str, address: ListenAddress, exc: OSError
+) -> MailfeedError:
+    """Turn a failed bind into one line naming the key and the address.
+
+    An address in use exits 75 (EX_TEMPFAIL): the other server may go away,
+    and a supervisor may retry.  Any other failure (an address the host does
+    not have, a name that does not resolve, a port that needs privileges)
+    exits 78 (EX_CONFIG): it needs the configuration or the host changed.
+    """
+    where = f"{config.source}: mx.{key} = {str(address)!r}"
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return TempFailure(
+            f"{where}: cannot listen: {reason}; stop the other server on that port "
+            "or choose another port"
+        )
+    return ConfigError(
+        f"{where}: cannot listen: {reason}; use an address this host has "
+        "and a port it may bind"
+    )
 
 
 class MxDaemon:
@@ -125,7 +157,12 @@ class MxDaemon:
     async def serve(self) -> int:
         """Listen, serve until SIGTERM or SIGINT, then drain and return 0."""
         loop = asyncio.get_running_loop()
-        self.bound["smtp"] = await self.smtp.start(self.config.smtp_listen)
+        self.bound["smtp"] = []
+        for address in self.config.smtp_listen:
+            try:
+                self.bound["smtp"] += await self.smtp.start([address])
+            except OSError as exc:
+                raise listen_error(self.config, "smtp_listen", address, exc) from None
         self.bound.update(await self.pop3.start())
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
@@ -160,6 +197,7 @@ class MxDaemon:
         log.info("received SIGHUP: reloading %s", self.path)
         try:
             config = load_mx_config(self.path)
+            check_spool_paths(config)
             tls_context = make_tls_context(config)
             self.pop3.check(config)
         except (MailfeedError, OSError) as exc:
@@ -263,12 +301,15 @@ class Pop3Listeners:
         for kind, addresses in (("pop3", self.config.pop3_listen),
                                 ("pop3s", self.config.pop3s_listen)):
             for address in addresses:
-                listener = await self.server.start(
-                    address.host,
-                    address.port,
-                    ssl_context=self.tls_context,
-                    implicit_tls=kind == "pop3s",
-                )
+                try:
+                    listener = await self.server.start(
+                        address.host,
+                        address.port,
+                        ssl_context=self.tls_context,
+                        implicit_tls=kind == "pop3s",
+                    )
+                except OSError as exc:
+                    raise listen_error(self.config, f"{kind}_listen", address, exc) from None
                 for sock in listener.sockets:
                     name = sock.getsockname()
                     bound[kind].append((str(name[0]), int(name[1])))

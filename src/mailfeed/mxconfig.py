@@ -60,6 +60,7 @@ __all__ = [
     "MxLimits",
     "Routing",
     "build_routing",
+    "check_spool_paths",
     "load_mx_config",
     "mx_config_from",
     "normalise_domain",
@@ -289,6 +290,33 @@ def mx_config_from(path: str, data: dict[str, Any]) -> MxConfig:
     )
     mx.check_unknown()
     return config
+
+
+def check_spool_paths(config: MxConfig) -> None:
+    """Raise ConfigError unless spool_root and each site's spool parent are folders.
+
+    ``mailfeed mx`` calls this at start and on reload, because a missing spool
+    root would otherwise turn every message into a ``451`` and show every POP3
+    mailbox as empty.  Pipe sites have no spool and are skipped.
+    """
+    spool = config.spool
+    root = spool.spool_root
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(
+            f"{spool.source}: spool_root = {str(root)!r} {problem}; create it (for example "
+            "with mailfeed site add) or set spool_root to an existing folder"
+        )
+    for site in spool.sites.values():
+        if site.format == "pipe":
+            continue
+        parent = site.path.parent
+        if not parent.is_dir():
+            problem = "is not a folder" if parent.exists() else "does not exist"
+            raise ConfigError(
+                f"{spool.source}: sites.{site.name}.path = {str(site.path)!r}: the folder "
+                f"{str(parent)!r} {problem}; create it or change the path"
+            )
 
 
 def load_mx_config(path: str | os.PathLike[str]) -> MxConfig:

@@ -41,6 +41,7 @@ from mailfeed.errors import ConfigError
 from mailfeed.scram import ScramCredentials, ScramError
 
 __all__ = [
+    "HASH_SCHEMES",
     "SUPPORTED_SCHEMES",
     "PasswdFile",
     "hash_password",
@@ -63,6 +64,9 @@ DIGEST_SCHEMES = {
 SUPPORTED_SCHEMES = tuple(
     sorted(PLAIN_SCHEMES | CRYPT_SCHEMES | ARGON2_SCHEMES | {SCRAM_SCHEME} | set(DIGEST_SCHEMES))
 )
+# The schemes hash_password writes: all but plain CRYPT, a legacy DES or MD5
+# crypt(3) format that is only read.
+HASH_SCHEMES = tuple(scheme for scheme in SUPPORTED_SCHEMES if scheme != "CRYPT")
 ENCODINGS = ("B64", "BASE64", "HEX")
 
 # SHA-crypt (https://www.akkadia.org/drepper/SHA-crypt.txt).
@@ -379,4 +383,4 @@ def hash_password(password: str, scheme: str = "ARGON2ID") -> str:
         digest = hashlib.new(algorithm, password.encode("utf-8") + salt_octets).digest()
         return "{" + scheme + "}" + base64.b64encode(digest + salt_octets).decode("ascii")
     raise ValueError(f"unsupported password scheme {scheme!r}; use one of "
-                     f"{', '.join(SUPPORTED_SCHEMES)}")
+                     f"{', '.join(HASH_SCHEMES)}")

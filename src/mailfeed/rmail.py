@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from mailfeed import __version__
 from mailfeed.delivery import (
     CHUNK_SIZE,
     DEFAULT_TIMEOUT,
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"network and program timeout in seconds (default {DEFAULT_TIMEOUT:g})",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("file", nargs="?", default="-", metavar="FILE",
                         help="the message; stdin when absent or -")
     return parser

@@ -6,11 +6,15 @@ may claim its domains or addresses, which is checked by parsing the whole
 configuration with the new table added.  The passwd-file must have no user of
 that name.  Then it
 
-1. creates the spool (a Maildir with mode 0700, or the folder of an mbox);
+1. creates the spool (a Maildir with mode 0700, or the folder of an mbox).
+   With ``--owner USER[:GROUP]`` it gives the folders it created and the
+   site's spool to that user, the one the MTA runs ``mailfeed-fwd`` as.  An
+   unknown user or group exits 64 before anything is written;
 2. appends ``NAME:{ARGON2ID}...`` to the passwd-file, created with mode 0600;
 3. appends a ``[sites."NAME"]`` table to the configuration file, leaving the
    existing text untouched.
 
+An unsupported ``--scheme`` exits 64 (EX_USAGE) naming the supported ones.
 Each append is flushed and fsynced.  The password is read from a file or from
 standard input, never from the command line, and is never printed or logged.
 Send SIGHUP to a running ``mailfeed mx`` to make it serve the new site.
@@ -26,9 +30,9 @@ import tomllib
 from pathlib import Path
 
 from mailfeed.config import CONFIG_ENV, DEFAULT_MX_CONFIG, SiteConfig, validate_site_name
-from mailfeed.errors import ConfigError, UnknownSite, UsageError
+from mailfeed.errors import ConfigError, NotPermitted, UnknownSite, UsageError
 
-__all__ = ["add_arguments", "add_site", "run", "site_table"]
+__all__ = ["add_arguments", "add_site", "check_scheme", "parse_owner", "run", "site_table"]
 
 PASSWD_MODE = 0o600
 SPOOL_DIR_MODE = 0o700
@@ -67,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheme", default=DEFAULT_SCHEME, help=f"password hash scheme (default {DEFAULT_SCHEME})"
     )
 
+    add.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="give the spool folders to this user (and group, default the user's own), "
+        "the user the MTA runs mailfeed-fwd as",
+    )
+
     actions.add_parser("list", parents=[common], help="list the configured sites")
 
 
@@ -76,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(config_path(args.config))
     if args.action == "list":
         return list_sites(path)
+    check_scheme(args.scheme)
+    owner = parse_owner(args.owner) if args.owner else None
     password = read_password(args.password_file, args.password_stdin)
     passwd_file = Path(args.passwd_file) if args.passwd_file else None
     site = add_site(
@@ -87,9 +100,20 @@ def run(args: argparse.Namespace) -> int:
         password=password,
         passwd_file=passwd_file,
         scheme=args.scheme,
+        owner=owner,
     )
     print(f"site {site.name} added: spool {site.path}; send SIGHUP to mailfeed mx to serve it")
     return 0
+
+
+def check_scheme(scheme: str) -> None:
+    """Raise UsageError unless ``site add`` can hash passwords with ``scheme``."""
+    from mailfeed.passwd import HASH_SCHEMES
+
+    if scheme.upper() not in HASH_SCHEMES:
+        raise UsageError(
+            f"--scheme {scheme!r} is not supported; use one of {', '.join(HASH_SCHEMES)}"
+        )
 
 
 def read_password(password_file: str | None, from_stdin: bool) -> str:
@@ -145,8 +169,13 @@ def add_site(
     password: str,
     passwd_file: Path | None = None,
     scheme: str = DEFAULT_SCHEME,
+    owner: tuple[int, int] | None = None,
 ) -> SiteConfig:
-    """Create a site's spool, credential and configuration table; return the site."""
+    """Create a site's spool, credential and configuration table; return the site.
+
+    With ``owner`` (uid, gid) the folders this call creates and the site's
+    spool are given to that user and group.
+    """
     from mailfeed.mxconfig import mx_config_from
     from mailfeed.passwd import PasswdFile, hash_password
 
@@ -154,6 +183,7 @@ def add_site(
         validate_site_name(name)
     except UnknownSite as exc:
         raise UsageError(str(exc)) from None
+    check_scheme(scheme)
     if not domains and not addresses:
         raise UsageError("give at least one --domain or --address for the site")
 
@@ -181,22 +211,78 @@ def add_site(
             raise UsageError(f"{target}: user {name!r} already exists; remove it first")
     hashed = hash_password(password, scheme)
 
-    _create_spool(site)
+    created = _create_spool(site)
+    if owner is not None:
+        _chown_spool(site, created, owner)
     _append(target, f"{name}:{hashed}\n", mode=PASSWD_MODE)
     os.chmod(target, PASSWD_MODE)
     _append(config, addition, mode=0o644)
     return site
 
 
-def _create_spool(site: SiteConfig) -> None:
+def parse_owner(text: str) -> tuple[int, int]:
+    """Return (uid, gid) for ``USER[:GROUP]``; names or numbers; raise UsageError."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"--owner {text!r}: no user {user!r} on this host") from None
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise UsageError(f"--owner {text!r}: no group {group!r} on this host") from None
+    return entry.pw_uid, gid
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """Return ``folder`` and its ancestors that do not exist, outermost first."""
+    missing: list[Path] = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _create_spool(site: SiteConfig) -> list[Path]:
+    """Create the site's spool; return the folders created, outermost first."""
     if site.format == "maildir":
         from mailfeed.spool.maildir import open_maildir
 
+        created = _missing_folders(site.path)
         site.path.parent.mkdir(parents=True, exist_ok=True)
         open_maildir(site.path)
         os.chmod(site.path, SPOOL_DIR_MODE)
     else:
+        created = _missing_folders(site.path.parent)
         site.path.parent.mkdir(mode=SPOOL_DIR_MODE, parents=True, exist_ok=True)
+    return created
+
+
+def _chown_spool(site: SiteConfig, created: list[Path], owner: tuple[int, int]) -> None:
+    """Give the created folders and the site's spool tree to ``owner``."""
+    uid, gid = owner
+    paths = list(created)
+    if site.format == "maildir":
+        for folder, subfolders, files in os.walk(site.path):
+            paths.append(Path(folder))
+            paths.extend(Path(folder, name) for name in subfolders + files)
+    elif site.format == "mbox":
+        paths.append(site.path.parent)
+        if site.path.exists():
+            paths.append(site.path)
+    for path in dict.fromkeys(paths):
+        try:
+            os.lchown(path, uid, gid)
+        except OSError as exc:
+            raise NotPermitted(
+                f"cannot give {path} to uid {uid} gid {gid}: {exc.strerror}; run site add "
+                "as root or leave out --owner"
+            ) from None
 
 
 def _append(path: Path, text: str, *, mode: int) -> None:

@@ -21,12 +21,18 @@ and STARTTLS (RFC 3207).  This module decides what to accept and stores it:
   ``smtp_<COMMAND>`` override and ``check_helo_needed``/``check_auth_needed``,
   and the private ``_reader`` and ``_set_post_data_state`` (aiosmtpd 1.4.6).
   A message over ``max_message_size`` gets ``552 5.3.4`` and a line over
-  ``max_line_length`` ``500 5.5.2``, both after the final ``.``.
+  ``max_line_length`` ``500 5.5.2``, both after the final ``.``.  A
+  ``SIZE=`` parameter over the limit gets ``552 5.3.4`` at MAIL (RFC 1870
+  section 6.1).  Every refusal is logged with the session id and the peer.
 * Message data with a bare CR or a bare LF is rejected with ``550 5.6.0``
   (RFC 5321 section 2.3.8 allows CR and LF only together).  DATA ends only at
   ``<CRLF>.<CRLF>``, so ``<LF>.<LF>`` and ``<LF>.<CRLF>`` never end a message
   early, and the rejection drops the whole data, so text smuggled after them
   never becomes a second message.
+* A repeated RCPT is accepted and stored once.  Only exact repeats count:
+  the local part is compared as sent (RFC 5321 section 2.4, so
+  ``Bob@example.org`` and ``bob@example.org`` are two recipients, as Postfix
+  keeps them), the domain without regard to case (:func:`recipient_key`).
 * A transaction whose recipients belong to several sites is stored once per
   site, each copy with only that site's recipients in its block and its own
   ``Received:`` field (RFC 5321 section 4.4) between block and message.
@@ -77,6 +83,7 @@ from mailfeed.smtpdata import DATA_BUFFER_SIZE, DataRejection, MessageData, find
 
 __all__ = [
     "ERR_BARE_NEWLINE",
+    "ERR_DECLARED_TOO_BIG",
     "ERR_LINE_TOO_LONG",
     "ERR_MESSAGE_TOO_BIG",
     "ERR_NO_SPACE",
@@ -89,6 +96,7 @@ __all__ = [
     "check_recipient",
     "find_bare_newline",
     "free_space",
+    "recipient_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,9 @@ ERR_BARE_NEWLINE = "550 5.6.0 Message data contains a bare CR or LF; end every l
 # RFC 1870 section 6.3: 552 after the data of a message over the size limit;
 # RFC 3463 section 3.4: X.3.4 message too big for system.
 ERR_MESSAGE_TOO_BIG = "552 5.3.4 Error: message too big, the limit is {limit} octets"
+# RFC 1870 section 6.1: 552 at MAIL when the declared SIZE exceeds the fixed
+# maximum; RFC 3463 section 3.4: X.3.4 message too big for system.
+ERR_DECLARED_TOO_BIG = "552 5.3.4 Error: message size exceeds the limit of {limit} octets"
 # RFC 5321 section 4.5.3.1.6 (text line length); RFC 3463 section 3.6: X.5.2
 # syntax error.
 ERR_LINE_TOO_LONG = "500 5.5.2 Error: line too long, the limit is {limit} octets with CRLF"
@@ -178,6 +189,20 @@ def check_recipient(routing: Routing, address: str, raw_argument: str) -> SiteCo
     if ROUTING_CHARACTERS.intersection(local):
         return None
     return routing.site_for(address)
+
+
+def recipient_key(address: str) -> str:
+    """Return the form of an address that detects a repeated RCPT.
+
+    The local part is kept exactly, because it is case-sensitive (RFC 5321
+    section 2.4): ``Bob@example.org`` and ``bob@example.org`` may be two
+    mailboxes, and the site's MTA decides.  The domain is case-insensitive
+    (RFC 5321 section 2.4, RFC 1035 section 2.3.3), so it is lower-cased.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    return f"{local}@{domain.lower()}"
 
 
 def protocol_name(*, extended: bool, utf8: bool, tls: bool) -> str:
@@ -314,8 +339,15 @@ class MxHandler:
             return ERR_NEEDS_SMTPUTF8
         declared = 0
         for option in mail_options:
-            if option.startswith("SIZE=") and option[5:].isdigit():
+            if option[:5].upper() == "SIZE=" and option[5:].isdigit():
                 declared = int(option[5:])
+        limit = self.server.spool.limits.max_message_size
+        if limit and declared > limit:
+            log.info(
+                "session=%s peer=%s message rejected at MAIL: SIZE=%d exceeds the limit of %d",
+                smtp.session_id, smtp.peer, declared, limit,
+            )
+            return ERR_DECLARED_TOO_BIG.format(limit=limit)
         if not self.server.has_space(self.server.spool.spool_root, declared):
             log.warning(
                 "session=%s peer=%s spool %s is below min_free_space; replying 452",
@@ -356,7 +388,8 @@ class MxHandler:
                 smtp.session_id, smtp.peer, site.name, site.path,
             )
             return ERR_NO_SPACE
-        if any(known.lower() == address.lower() for known in envelope.rcpt_tos):
+        key = recipient_key(address)
+        if any(recipient_key(known) == key for known in envelope.rcpt_tos):
             return OK_RECIPIENT
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -549,6 +582,17 @@ class MxSMTP(SMTP):
             data.close()
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd 1.4 replies to an over-limit SIZE= itself with a bare
+        # "552" and logs nothing.  Hiding the limit from it lets
+        # MxHandler.handle_MAIL send 552 5.3.4 and log the rejection.
+        limit = self.data_size_limit
+        self.data_size_limit = None
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self.data_size_limit = limit
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         self.last_rcpt_argument = arg or ""

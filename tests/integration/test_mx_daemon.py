@@ -9,8 +9,10 @@ import json
 import os
 import poplib
 import queue
+import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,19 @@ from mailfeed import pop3client
 from mailfeed.envelope import parse_block
 from mailfeed.pop3client import RetrResult, TlsMode
 from tests.integration.smtp_support import RawClient, stored_files, tmp_files
-from tests.support import ROOT, run, script
+from tests.support import (
+    ROOT,
+    RUN_USER,
+    as_run_user,
+    cleanup_at_exit,
+    forget_at_exit,
+    is_root,
+    kill_process,
+    run,
+    run_user_ids,
+    script,
+    shared_tmpdir,
+)
 
 PASSWORD = "pw-site1-example"
 RSS_PROBE = Path(__file__).resolve().parent.parent / "rss_probe.py"
@@ -65,7 +79,8 @@ def site_add(
 class Daemon:
     """A ``mailfeed mx`` process whose stderr lines are collected by a thread."""
 
-    def __init__(self, config: Path, *, rss_file: Path | None = None, **env: str) -> None:
+    def __init__(self, config: Path, *, rss_file: Path | None = None,
+                 start_timeout: float = 30, **env: str) -> None:
         self.ready_file = config.with_name("ready.json")
         argv = [script("mailfeed"), "mx", "--config", str(config), "--ready-file",
                 str(self.ready_file), "-v"]
@@ -77,12 +92,20 @@ class Daemon:
             stderr=subprocess.PIPE,
             env=environment(**env),
         )
+        self.pid = self.process.pid
+        # If no teardown stops it (a test or fixture that crashes before
+        # stop, a pytest that is interrupted), kill it when Python exits.
+        cleanup_at_exit(self.process.pid, self.kill)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
-        self.wait_for("mailfeed mx started")
-        self.ready = json.loads(self.ready_file.read_text())
+        try:
+            self.wait_for("mailfeed mx started", timeout=start_timeout)
+            self.ready = json.loads(self.ready_file.read_text())
+        except BaseException:
+            self.kill()
+            raise
         self.pid = int(self.ready["pid"])
         self.smtp_port = self.ready["smtp"][0][1]
         self.pop3_port = self.ready["pop3"][0][1] if self.ready.get("pop3") else None
@@ -112,15 +135,26 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-        code = self.process.wait(timeout=30)
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM the daemon and wait; SIGKILL it if it outlives ``timeout``."""
+        try:
+            if self.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
         self.reader.join(timeout=10)
         while not self.lines.empty():
             self.log.append(self.lines.get())
-        return code
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (the pid this object started) if it still runs."""
+        kill_process(self.process, self.pid)
+        forget_at_exit(self.process.pid)
 
 
 @pytest.fixture
@@ -135,8 +169,10 @@ def setup(tmp_path: Path) -> Path:
 def daemon_with_site(setup: Path) -> Iterator[tuple[Daemon, Path]]:
     site_add(setup, "site1", "example.org")
     daemon = Daemon(setup)
-    yield daemon, setup
-    daemon.stop()
+    try:
+        yield daemon, setup
+    finally:
+        daemon.stop()
 
 
 def test_site_add_then_pop3_retrieves_exact_bytes(setup: Path) -> None:
@@ -413,3 +449,194 @@ def test_200mb_message_through_smtp_and_pop3(setup: Path) -> None:
     assert after_smtp < RSS_LIMIT_KIB
     assert after_pop3 < RSS_LIMIT_KIB
     assert at_exit < RSS_LIMIT_KIB
+
+
+def run_mx(config: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run ``mailfeed mx`` in the foreground; it must exit by itself."""
+    argv = [script("mailfeed"), "mx", "--config", str(config)]
+    return run(argv, env=environment(), timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_mx_refuses_bad_spool_root(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "nonexist" / "spool"
+    if kind == "file":
+        root = tmp_path / "spool-file"
+        root.write_bytes(b"")
+    config = tmp_path / "mx.toml"
+    config.write_text(CONFIG.replace("{root}/spool", str(root)).format(root=tmp_path))
+    result = run_mx(config)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert f"spool_root = {str(root)!r}" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_mx_refuses_missing_site_parent(setup: Path) -> None:
+    setup.write_text(
+        setup.read_text() + '\n[sites.site1]\npath = "/nonexist-mailfeed/site1"\n'
+        'domains = ["example.org"]\n'
+    )
+    result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert "sites.site1.path = '/nonexist-mailfeed/site1'" in err
+
+
+def test_sighup_keeps_config_when_spool_root_missing(
+    daemon_with_site: tuple[Daemon, Path],
+) -> None:
+    daemon, config = daemon_with_site
+    good = config.read_text()
+    missing = config.parent / "gone"
+    config.write_text(good.replace(str(config.parent / "spool"), str(missing)))
+    daemon.signal(signal.SIGHUP)
+    line = daemon.wait_for("reload failed")
+    assert f"spool_root = {str(missing)!r} does not exist" in line
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as smtp:
+        smtp.sendmail("alice@example.net", ["bob@example.org"], MESSAGE)
+    assert len(stored_files(config.parent / "spool" / "site1")) == 1
+
+
+@pytest.mark.parametrize("key", ["smtp_listen", "pop3_listen"])
+def test_mx_listen_address_in_use(setup: Path, key: str) -> None:
+    site_add(setup, "site1", "example.org")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        text = setup.read_text().replace(
+            f'{key} = ["127.0.0.1:0"]', f'{key} = ["127.0.0.1:{port}"]'
+        )
+        setup.write_text(text)
+        result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 75, err
+    assert "Traceback" not in err
+    assert f"mx.{key} = '127.0.0.1:{port}': cannot listen" in err.splitlines()[-1]
+
+
+def test_mx_listen_address_not_on_host(setup: Path) -> None:
+    # 203.0.113.1 (RFC 5737 TEST-NET-3) is on no interface here: bind fails
+    # locally and nothing is sent anywhere.
+    setup.write_text(setup.read_text().replace(
+        'smtp_listen = ["127.0.0.1:0"]', 'smtp_listen = ["203.0.113.1:0"]'
+    ))
+    result = run_mx(setup)
+    err = result.stderr.decode()
+    assert result.returncode == 78, err
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        f"mailfeed mx: {setup}: mx.smtp_listen = '203.0.113.1:0': cannot listen: "
+        + err.split("cannot listen: ", 1)[1].rstrip("\n")
+    ]
+
+
+@pytest.mark.parametrize("scheme", ["MD5", "CRYPT"])
+def test_site_add_unsupported_scheme(setup: Path, scheme: str) -> None:
+    before = setup.read_text()
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
+            "--domain", "example.org", "--password-stdin", "--scheme", scheme]
+    result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
+    err = result.stderr.decode()
+    assert result.returncode == 64, err
+    assert err.splitlines() == [
+        f"mailfeed site: --scheme {scheme!r} is not supported; use one of ARGON2I, ARGON2ID, "
+        "CLEARTEXT, PLAIN, SCRAM-SHA-256, SHA256, SHA256-CRYPT, SHA512, SHA512-CRYPT, "
+        "SSHA256, SSHA512"
+    ]
+    assert setup.read_text() == before
+    assert not (setup.parent / "passwd").exists()
+    assert not (setup.parent / "spool" / "site1").exists()
+
+
+@pytest.fixture
+def shared_config() -> Iterator[Path]:
+    """A configuration in a folder the unprivileged test user may read."""
+    if not is_root():
+        pytest.skip("site add --owner and running fwd as another user need root")
+    folder = shared_tmpdir()
+    try:
+        config = folder / "mx.toml"
+        config.write_text(f'spool_root = "{folder}/spool"\n')
+        yield config
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def fwd_as_run_user(config: Path) -> subprocess.CompletedProcess[bytes]:
+    argv = as_run_user([script("mailfeed-fwd"), "--config", str(config), "site1",
+                        "alice@example.net", "bob@example.org"])
+    return run(argv, stdin=MESSAGE, env=environment())
+
+
+def test_site_add_owner_lets_fwd_store(shared_config: Path) -> None:
+    site_add(shared_config, "site1", "example.org", "--owner", RUN_USER)
+    uid, gid = run_user_ids()
+    spool_root = shared_config.parent / "spool"
+    for path in (spool_root, spool_root / "site1", spool_root / "site1" / "new"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (uid, gid), path
+    result = fwd_as_run_user(shared_config)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(stored_files(spool_root / "site1")) == 1
+
+
+def test_fwd_permission_error_names_path_and_user(shared_config: Path) -> None:
+    site_add(shared_config, "site1", "example.org")
+    result = fwd_as_run_user(shared_config)
+    err = result.stderr.decode()
+    assert result.returncode == 75, err
+    uid, gid = run_user_ids()
+    site = shared_config.parent / "spool" / "site1"
+    assert err == (
+        f"mailfeed-fwd: Permission denied: {site}; mailfeed-fwd runs as user {RUN_USER} "
+        f"(uid {uid}, gid {gid}): make the spool writable by that user\n"
+    )
+
+
+def test_site_add_unknown_owner(setup: Path) -> None:
+    argv = [script("mailfeed"), "site", "add", "--config", str(setup), "site1",
+            "--domain", "example.org", "--password-stdin", "--owner", "nosuchuser-mf:mail"]
+    result = run(argv, stdin=PASSWORD.encode() + b"\n", env=environment())
+    assert result.returncode == 64
+    assert result.stderr == (
+        b"mailfeed site: --owner 'nosuchuser-mf:mail': no user 'nosuchuser-mf' on this host\n"
+    )
+    assert not (setup.parent / "spool" / "site1").exists()
+
+
+def processes_naming(text: str) -> list[int]:
+    """Return the pids whose command line contains ``text`` (to observe, not to kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_daemon_killed_when_start_fails(setup: Path) -> None:
+    with pytest.raises(pytest.fail.Exception):
+        Daemon(setup, start_timeout=0.001)
+    assert processes_naming(str(setup)) == []
+
+
+def test_daemon_left_running_is_killed_at_exit(setup: Path) -> None:
+    site_add(setup, "site1", "example.org")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tests.integration.test_mx_daemon import Daemon; "
+        "d = Daemon(Path(sys.argv[1])); print(d.pid, flush=True); sys.exit(3)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(setup)], capture_output=True, text=True,
+        env=environment(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'src'}"), cwd=ROOT,
+        timeout=60, check=False,
+    )
+    assert result.returncode == 3, result.stderr
+    assert processes_naming(str(setup)) == []

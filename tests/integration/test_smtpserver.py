@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import smtplib
 import ssl
@@ -157,29 +158,46 @@ def test_recipients_split_per_site(server: LoopServer, tmp_path: Path) -> None:
 
 
 def test_duplicate_recipient_stored_once(server: LoopServer, tmp_path: Path) -> None:
+    # Local parts are case-sensitive (RFC 5321 section 2.4): only the domain
+    # is compared without regard to case.
+    recipients = ["bob@example.org", "Bob@EXAMPLE.org", "bob@EXAMPLE.ORG", "Bob@example.org",
+                  "BOB@example.org"]
     with smtplib.SMTP("127.0.0.1", server.port) as client:
-        client.sendmail("alice@example.net", ["bob@example.org", "BOB@example.org"], MESSAGE)
-    block = parse_block(stored_files(spool(tmp_path, "site1"))[0].read_bytes())
-    assert block.envelope.recipients == ("bob@example.org",)
+        client.sendmail("alice@example.net", recipients, MESSAGE)
+    [stored] = stored_files(spool(tmp_path, "site1"))
+    block = parse_block(stored.read_bytes())
+    assert block.envelope.recipients == ("bob@example.org", "Bob@EXAMPLE.org", "BOB@example.org")
 
 
-def test_size_over_limit_refused(tmp_path: Path) -> None:
+def test_size_over_limit_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailfeed.smtpserver")
     running = start(write_config(tmp_path, max_size=1000), **injected())
     try:
         client = RawClient(running.port)
         client.reply()
         ehlo = client.command(b"EHLO client.example.net\r\n")
         assert b"250-SIZE 1000\r\n" in ehlo
-        assert client.command(b"MAIL FROM:<alice@example.net> SIZE=5000\r\n").startswith(b"552")
-        assert client.command(b"MAIL FROM:<alice@example.net>\r\n").startswith(b"250")
+        assert client.command(b"MAIL FROM:<alice@example.net> SIZE=5000\r\n") == (
+            b"552 5.3.4 Error: message size exceeds the limit of 1000 octets\r\n"
+        )
+        assert client.command(b"MAIL FROM:<alice@example.net> SIZE=1000\r\n").startswith(b"250")
         client.command(b"RCPT TO:<bob@example.org>\r\n")
         client.command(b"DATA\r\n")
         body = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 20
-        assert client.command(body + b".\r\n").startswith(b"552")
+        assert client.command(body + b".\r\n") == (
+            b"552 5.3.4 Error: message too big, the limit is 1000 octets\r\n"
+        )
         client.close()
     finally:
         running.stop()
     assert stored_files(spool(tmp_path, "site1")) == []
+    refusals = [r.getMessage() for r in caplog.records if "S1" in r.getMessage()
+                and ("refused" in r.getMessage() or "rejected" in r.getMessage())]
+    assert len(refusals) == 2, refusals
+    assert refusals[0].startswith("session=S1 peer=('127.0.0.1', ")
+    assert refusals[0].endswith("message rejected at MAIL: SIZE=5000 exceeds the limit of 1000")
+    assert refusals[1].startswith("session=S1 peer=('127.0.0.1', ")
+    assert "message rejected: message too big after " in refusals[1]
 
 
 def test_extensions_advertised(server: LoopServer) -> None:

@@ -12,7 +12,10 @@ postdrop, postqueue) refuse other configuration directories.
 :func:`register_config_directory` adds DIR to that list under a lock and
 :func:`unregister_config_directory` removes it again; both also drop entries
 whose directory no longer exists, so a crashed session leaves nothing behind
-after the next run.
+after the next run.  :meth:`PostfixInstance.destroy` runs from each
+fixture's ``finally`` and, as a fallback, at interpreter exit
+(:func:`tests.support.cleanup_at_exit`), so an interrupted run leaves no
+master running and no stale entry.
 
 Postfix writes its errors only to a terminal or to the maillog file (a
 failed start prints nothing when stdout is a pipe), so every failure message
@@ -21,6 +24,7 @@ here quotes the end of the maillog.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -34,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from tests.support import cleanup_at_exit, forget_at_exit
 
 DEFAULT_CONFIG_DIR = Path("/etc/postfix")
 # Our own lock file beside the default main.cf: serialises edits of
@@ -140,6 +146,24 @@ def unregister_config_directory(config_dir: Path) -> None:
             _write_alternates(kept)
 
 
+def _is_master(pid: int) -> bool:
+    """Return True while ``pid`` is a running Postfix master (not a reused pid)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "master"
+    except OSError:
+        return False
+
+
+def _end_master(pid: int) -> None:
+    """Wait for the master ``pid`` to exit; SIGKILL it after STOP_TIMEOUT."""
+    try:
+        wait_until(lambda: None if _is_master(pid) else True, timeout=STOP_TIMEOUT,
+                   what=f"Postfix master {pid} to exit")
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------
 # master.cf
 
@@ -219,6 +243,9 @@ class PostfixInstance:
         instance.data_dir.mkdir()
         shutil.chown(instance.data_dir, "postfix", "postfix")
         instance.maillog.touch()
+        # destroy() at exit if no fixture teardown does it, so an
+        # interrupted run leaves no master and no alternate_config_directories entry.
+        cleanup_at_exit(id(instance), instance.destroy)
         instance.write_main_cf({})
         instance.write_master_cf("")
         return instance
@@ -311,8 +338,10 @@ class PostfixInstance:
         """Register the config folder, check it, start master and wait for SMTP."""
         register_config_directory(self.config_dir)
         self.run([POSTFIX, "-c", str(self.config_dir), "check"])
-        self.run([POSTFIX, "-c", str(self.config_dir), "start"])
+        # Set before the start command: master may run even when the command
+        # reports a failure or times out, and stop() must then still end it.
         self.started = True
+        self.run([POSTFIX, "-c", str(self.config_dir), "start"])
         wait_until(self._smtp_ready, timeout=START_TIMEOUT,
                    what=f"Postfix {self.name} to accept SMTP on port {self.smtp_port}",
                    diagnostics=self.log_tail)
@@ -333,34 +362,34 @@ class PostfixInstance:
             return None
 
     def stop(self) -> None:
-        """Stop master and its children and wait until master has exited."""
+        """Stop master and its children and wait until master has exited.
+
+        If ``postfix stop`` fails or hangs, the master whose pid this
+        instance's own pid file names gets SIGKILL: never a process found by name.
+        """
         if not self.started:
             return
-        pid = self.master_pid()
-        self.run([POSTFIX, "-c", str(self.config_dir), "stop"], check=False)
         self.started = False
-        if pid is None:
-            return
-
-        def gone() -> bool | None:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            return None
-
+        pid = self.master_pid()
         try:
-            wait_until(gone, timeout=STOP_TIMEOUT, what=f"Postfix master {pid} to exit")
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
+            self.run([POSTFIX, "-c", str(self.config_dir), "stop"], check=False)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            pid = pid or self.master_pid()
+            if pid is not None:
+                _end_master(pid)
 
     def destroy(self) -> None:
-        """Stop the instance, unregister its folder and delete the tree."""
+        """Stop the instance, unregister its folder and delete the tree (idempotent)."""
+        forget_at_exit(id(self))
         try:
             self.stop()
         finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-            unregister_config_directory(self.config_dir)
+            try:
+                unregister_config_directory(self.config_dir)
+            finally:
+                shutil.rmtree(self.root, ignore_errors=True)
 
     def flush(self) -> None:
         """Ask the queue manager to retry deferred mail now."""

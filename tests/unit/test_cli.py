@@ -72,3 +72,30 @@ def test_mx_misspelt_top_level_key_exit_78(
     config.write_text(f'spool_rot = "{tmp_path}"\n[sites.a]\n')
     assert cli.main(["mx", "--config", str(config)]) == 78
     assert f"{config}: unknown setting spool_rot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["mailfeed", "mailfeed-fwd", "mailfeed-rmail"])
+def test_version_flag(name: str) -> None:
+    from mailfeed import __version__
+    from tests.support import script
+
+    result = subprocess.run(
+        [script(name), "--version"], capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{name} {__version__}\n", "")
+
+
+def test_fwd_version_loads_no_config_or_spool() -> None:
+    code = (
+        "import sys; from mailfeed import fwd; status = fwd.main(['--version']); "
+        "print(status, sorted(m for m in sys.modules if m.startswith('mailfeed.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    status, modules = result.stdout.splitlines()[-1].split(" ", 1)
+    assert status == "0", result.stderr
+    assert "mailfeed.config" not in modules
+    assert "mailfeed.spool" not in modules

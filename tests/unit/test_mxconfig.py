@@ -10,7 +10,12 @@ import pytest
 
 from mailfeed.errors import ConfigError
 from mailfeed.mxconfig import ListenAddress, MxLimits, mx_config_from
-from mailfeed.smtpserver import build_received, check_recipient, find_bare_newline
+from mailfeed.smtpserver import (
+    build_received,
+    check_recipient,
+    find_bare_newline,
+    recipient_key,
+)
 
 
 def load(text: str, path: str = "/etc/mailfeed/mx.toml"):  # type: ignore[no-untyped-def]
@@ -154,3 +159,17 @@ def test_received_field_exact() -> None:
         b"\t(session abcd; TLSv1.3 cipher TLS_AES_256_GCM_SHA384 (256 bits));"
         b" Sat, 03 Feb 2024 04:05:06 +0000\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("bob@example.org", "bob@example.org", True),
+        ("bob@example.org", "bob@EXAMPLE.ORG", True),
+        ("Bob@EXAMPLE.org", "bob@example.org", False),
+        ('"a@b"@example.org', '"a@b"@Example.org', True),
+        ('"A@b"@example.org', '"a@b"@example.org', False),
+    ],
+)
+def test_recipient_key_keeps_local_part_case(first: str, second: str, same: bool) -> None:
+    assert (recipient_key(first) == recipient_key(second)) is same

@@ -74,7 +74,19 @@ def unique_name() -> str:
 
 
 def _open_dir(name: str, parent_fd: int | None, shown: Path) -> int:
-    """Open (creating if missing) one folder below ``parent_fd`` without following links."""
+    """Open (creating if missing) one folder below ``parent_fd`` without following links.
+
+    An OSError names the whole path ``shown``, not just ``name``.
+    """
+    try:
+        return _open_dir_at(name, parent_fd, shown)
+    except OSError as exc:
+        if exc.strerror and exc.filename is not None and str(exc.filename) != str(shown):
+            raise type(exc)(exc.errno, exc.strerror, str(shown)) from None
+        raise
+
+
+def _open_dir_at(name: str, parent_fd: int | None, shown: Path) -> int:
     for _ in range(2):
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
