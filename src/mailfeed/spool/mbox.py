@@ -1,10 +1,10 @@
 """mboxrd writer with dotlock and fcntl locking, truncating back on failure.
 
 Format (mboxrd): each message starts with a ``From_`` line
-``From <sender or MAILER-DAEMON> <asctime in UTC>``; every line of the block
-and message that matches ``^>*From `` gets one more ``>``; CRLF line ends
-are stored as LF; the message ends in LF (one is added if missing) and is
-followed by one empty line.  A reader removes one ``>`` from each line
+``From <sender or MAILER-DAEMON> <asctime in UTC>``.  Every line of the block
+and message that matches ``^>*From `` gets one more ``>``.  Every line end
+(CRLF, bare CR or LF) is stored as LF.  The message ends in LF (one is added
+if missing) and is followed by one empty line.  A reader removes one ``>`` from each line
 matching ``^>+From `` and gets the block and message back with LF line ends.
 
 Locking, in this order: the dotlock ``<mbox>.lock``, then an exclusive
