@@ -158,6 +158,15 @@ class MaildirDrop(Maildrop):
                     return self.path / folder / name
         return None
 
+    def open_quick(self, msgnum: int) -> MessageReader | None:
+        entry = self._entries[msgnum]
+        try:
+            fd = os.open(self.path / entry.folder / entry.name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None  # moved, renamed or unreadable: open() searches and reports
+        return MessageReader(fd, 0, None, unquote=False, chunk_octets=self.chunk_octets)
+
     def open(self, msgnum: int) -> MessageReader:
         entry = self._entries[msgnum]
         path = self._locate(entry)

@@ -109,16 +109,29 @@ class MessageReader:
         self, fd: int, start: int, end: int | None, *, unquote: bool, chunk_octets: int
     ) -> None:
         self._fd = fd
+        self._start = start
         self._offset = start
         self._end = end
         self._chunk_octets = chunk_octets
         self._converter = WireConverter(unquote=unquote)
         self._done = False
 
-    def read_chunk(self) -> bytes:
-        """Return the next non-empty wire chunk, or ``b""`` at the end."""
+    @property
+    def octets_read(self) -> int:
+        """Octets of the file read so far."""
+        return self._offset - self._start
+
+    def read_chunk(self, max_octets: int = 0) -> bytes:
+        """Return the next non-empty wire chunk, or ``b""`` at the end.
+
+        ``max_octets`` (when positive) caps each read from the file, so that a
+        caller can bound the time one call blocks; the call reads again only
+        when a read gave no output (a lone CR or a held-back mboxrd line).
+        """
         while not self._done:
             want = self._chunk_octets
+            if max_octets > 0:
+                want = min(want, max_octets)
             if self._end is not None:
                 want = min(want, self._end - self._offset)
             data = os.pread(self._fd, want, self._offset) if want > 0 else b""

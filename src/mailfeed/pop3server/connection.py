@@ -186,6 +186,10 @@ class _Connection(asyncio.Protocol):
             self.transport.write(bytes(self._out))
             self._out.clear()
             self.server.stats.writes += 1
+            if self._writable.is_set():
+                # Messages read on the event loop never wait otherwise: let
+                # other sessions run once per batch of output.
+                await asyncio.sleep(0)
         if not self._writable.is_set():
             try:
                 async with asyncio.timeout(self._settings.idle_timeout):

@@ -40,6 +40,11 @@ class Pop3Settings:
     output_flush_octets: int = 64 * 1024
     # Octets of unprocessed client input before reading pauses.
     max_input_buffer: int = 64 * 1024
+    # Messages listed at up to this many octets are opened and read on the
+    # event loop, without a thread hop per call; larger ones (and any read
+    # beyond this budget, should the file have grown) go through a thread.
+    # 0 sends every open and read through a thread.
+    inline_read_octets: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if self.enforce_rfc_idle_minimum and self.idle_timeout < RFC_MIN_IDLE_TIMEOUT:
@@ -51,6 +56,8 @@ class Pop3Settings:
             raise ValueError(
                 f"max_command_octets = {self.max_command_octets} is under RFC 2449's 255"
             )
+        if self.inline_read_octets < 0:
+            raise ValueError(f"inline_read_octets = {self.inline_read_octets} must be at least 0")
         for name in ("max_connections", "max_connections_per_address", "max_bad_commands"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
