@@ -117,6 +117,11 @@ class MessageReader:
         self._done = False
 
     @property
+    def done(self) -> bool:
+        """True once :meth:`read_chunk` has returned the last chunk."""
+        return self._done
+
+    @property
     def octets_read(self) -> int:
         """Octets of the file read so far."""
         return self._offset - self._start
@@ -140,6 +145,13 @@ class MessageReader:
                 return self._converter.finish()
             self._offset += len(data)
             out = self._converter.feed(data)
+            # Detect the end now (a short read is usually the end of the
+            # file), so that the caller needs no further call, nor thread hop.
+            if (self._end is not None and self._offset >= self._end) or (
+                len(data) < want and not os.pread(self._fd, 1, self._offset)
+            ):
+                self._done = True
+                out += self._converter.finish()
             if out:
                 return out
         return b""

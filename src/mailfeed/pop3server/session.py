@@ -257,12 +257,10 @@ class Pop3Session(AuthorizationCommands):
     async def _send_message(self, message: DropMessage, top_lines: int | None) -> None:
         assert self.drop is not None
         drop = self.drop
-        # A message listed at up to inline_read_octets is opened and read on the
-        # event loop: a thread hop costs more than the read.  Reads past that
-        # budget (the file grew) and larger messages go through a thread.
+        # The first inline_read_octets of a message are opened and read on the
+        # event loop, where a thread hop would cost more than the read; the
+        # rest of a larger message is read in a thread.
         inline_left = self.settings.inline_read_octets
-        if message.size > inline_left:
-            inline_left = 0
         reader = drop.open_quick(message.msgnum) if inline_left else None
         if reader is None:
             try:
@@ -280,7 +278,7 @@ class Pop3Session(AuthorizationCommands):
                 self.conn.reply(OK_TOP)
             stuffer = DotStuffer()
             top = TopFilter(top_lines) if top_lines is not None else None
-            while True:
+            while not reader.done:
                 try:
                     if inline_left > 0:
                         before = reader.octets_read
