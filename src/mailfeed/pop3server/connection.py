@@ -154,8 +154,10 @@ class _Connection(asyncio.Protocol):
                     return line
                 if self.eof:
                     return None
-                await self.flush()
+                # Clear before flushing: input that arrives while flush() yields
+                # sets the event again instead of being missed.
                 self._data.clear()
+                await self.flush()
                 await self._data.wait()
 
     def discard_input(self) -> int:
