@@ -61,7 +61,9 @@ class WireConverter:
         if data.endswith(b"\r"):
             data = data[:-1]
             self._pending_cr = True
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        out = data.replace(b"\n", b"\r\n")
         if out:
             self._tail = (self._tail + out)[-2:]
         return out

@@ -37,7 +37,7 @@ class Pop3Settings:
     auth_failure_window: float = 900.0
     tls_handshake_timeout: float = 30.0
     # Octets of pending output that trigger a write and a wait for drain.
-    output_flush_octets: int = 64 * 1024
+    output_flush_octets: int = 256 * 1024
     # Octets of unprocessed client input before reading pauses.
     max_input_buffer: int = 64 * 1024
     # Octets of each message read on the event loop, in reads of at most this
