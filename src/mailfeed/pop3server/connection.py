@@ -204,8 +204,8 @@ class _Connection(asyncio.Protocol):
             self.transport.write(self._take_output())
             self.server.stats.writes += 1
             if self._writable.is_set():
-                # Messages read on the event loop never wait otherwise: let
-                # other sessions run once per batch of output.
+                # A session reading messages on the event loop does not yield
+                # while its client keeps up, so let other tasks run once per batch.
                 await asyncio.sleep(0)
         if not self._writable.is_set():
             try:

@@ -40,9 +40,9 @@ class Pop3Settings:
     output_flush_octets: int = 256 * 1024
     # Octets of unprocessed client input before reading pauses.
     max_input_buffer: int = 64 * 1024
-    # Octets of each message read on the event loop, in reads of at most this
-    # size, where a thread hop costs more than the read; the rest of a larger
-    # message is read in a thread.  0 sends every open and read to a thread.
+    # Octets of each message read on the event loop (in reads of at most this
+    # size), because a thread hop costs more than such a read.  The rest of a
+    # larger message is read in a thread.  0 sends every open and read to a thread.
     inline_read_octets: int = 64 * 1024
 
     def __post_init__(self) -> None:
