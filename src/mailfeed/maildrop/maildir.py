@@ -82,7 +82,8 @@ class MaildirDrop(Maildrop):
         self._entries = {}
         seen: dict[str, int] = {}
         for folder, name in names:
-            size = self._wire_size(self.path / folder / name, name)
+            # A str path: pathlib's joins cost as much as the open itself.
+            size = self._wire_size(f"{self._root}/{folder}/{name}", name)
             if size is None:
                 continue
             unique = name.split(":", 1)[0].split(",", 1)[0]
@@ -105,7 +106,7 @@ class MaildirDrop(Maildrop):
             return unique
         return _hashed_uidl(raw)
 
-    def _wire_size(self, path: Path, name: str) -> int | None:
+    def _wire_size(self, path: str, name: str) -> int | None:
         sizes = dict(MAILDIR_SIZE_RE.findall(name.split(":", 1)[0]))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -162,7 +163,7 @@ class MaildirDrop(Maildrop):
     def open_quick(self, msgnum: int) -> MessageReader | None:
         entry = self._entries[msgnum]
         try:
-            # A str path: pathlib's joins cost more than the open itself here.
+            # A str path, as in _scan.
             fd = os.open(f"{self._root}/{entry.folder}/{entry.name}",
                          os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
