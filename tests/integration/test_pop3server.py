@@ -15,6 +15,7 @@ import pytest
 
 from mailfeed import pop3server
 from mailfeed.config import SiteConfig
+from mailfeed.maildrop import wire_size_of
 from mailfeed.passwd import hash_password
 from mailfeed.pop3server import (
     ALLOWED_COMMANDS,
@@ -412,6 +413,70 @@ def test_login_timeout_closes(site: SiteConfig) -> None:
 
 
 # -- pipelining and limits
+
+
+# Lines that test the stuffing and line-end rules across read boundaries.
+READ_MESSAGES = [
+    b"Subject: a\n\n.\n..\n.x\nbare\rcr\r\nmixed\n" * 50,
+    b".starts with a dot\r\n\r\n" + b"x" * 300 + b"\n.\n",
+    b"Subject: b\n\nends in cr\r",
+]
+
+
+def _retr_all(settings: Pop3Settings, path: Path) -> list[bytes]:
+    running = start_server({USER: SiteConfig("site1", "maildir", path)}, settings=settings)
+    try:
+        client = Client(running.port)
+        client.login()
+        replies = []
+        for number in range(1, len(READ_MESSAGES) + 1):
+            client.send(b"RETR %d\r\n" % number)
+            replies.append(client.multiline())
+        client.close()
+        return replies
+    finally:
+        running.stop()
+
+
+def test_inline_and_threaded_reads_send_the_same_bytes(tmp_path: Path) -> None:
+    make_maildir(tmp_path / "site1", READ_MESSAGES)
+    # 0: every open and read in a thread; 7: inline only for no message, while
+    # chunk_octets stays large; the default reads every message here inline.
+    results = [_retr_all(fast_settings(inline_read_octets=octets), tmp_path / "site1")
+               for octets in (0, 7, 64 * 1024)]
+    assert results[0] == results[1] == results[2]
+    first = results[0][0]
+    body = READ_MESSAGES[0].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    body = body.replace(b"\r\n.", b"\r\n..")
+    assert first == b"+OK %d octets\r\n" % wire_size_of(READ_MESSAGES[0]) + body + b".\r\n"
+    assert results[0][2].endswith(b"ends in cr\r\r\n.\r\n")
+
+
+def test_file_grown_past_inline_budget_is_sent_whole(tmp_path: Path) -> None:
+    path = tmp_path / "site1"
+    make_maildir(path, [b"Subject: grows\n\n.short\n"])
+    settings = fast_settings(inline_read_octets=64)
+    running = start_server({USER: SiteConfig("site1", "maildir", path)}, settings=settings)
+    try:
+        client = Client(running.port)
+        client.login()
+        # Listed at 26 octets; the file grows after the scan, past the inline budget.
+        (file,) = (path / "new").iterdir()
+        with file.open("ab") as out:
+            out.write(b".more\n" * 100)
+        client.send(b"RETR 1\r\n")
+        assert client.multiline() == (
+            b"+OK 26 octets\r\nSubject: grows\r\n\r\n..short\r\n" + b"..more\r\n" * 100
+            + b".\r\n"
+        )
+        client.close()
+    finally:
+        running.stop()
+
+
+def test_inline_read_octets_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="inline_read_octets = -1"):
+        Pop3Settings(inline_read_octets=-1)
 
 
 def test_pipelined_burst_answered_in_order(server: RunningServer) -> None:

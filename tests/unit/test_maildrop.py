@@ -15,6 +15,7 @@ from mailfeed.config import SiteConfig
 from mailfeed.maildrop import (
     MaildropError,
     MaildropInUse,
+    MessageReader,
     WireConverter,
     open_maildrop,
     wire_size_of,
@@ -93,6 +94,41 @@ def test_dot_stuffing_round_trips(data: bytes, cuts: list[int]) -> None:
     assert all(line != b"." for line in lines[:-1])
     unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
     assert unstuffed == wire
+
+
+@given(st.lists(alphabet, max_size=40).map(b"".join), st.integers(1, 16),
+       st.lists(st.integers(0, 9), max_size=30), st.booleans(), st.booleans())
+def test_message_reader_reads_are_invisible(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, chunk_octets: int, caps: list[int],
+    unquote: bool, bounded: bool,
+) -> None:
+    path = tmp_path_factory.mktemp("reader") / "message"
+    # bounded: the message lies between other octets, as in an mbox.
+    path.write_bytes(b"before" + data + b"after" if bounded else data)
+    end = 6 + len(data) if bounded else None
+    reader = MessageReader(os.open(path, os.O_RDONLY), 6 if bounded else 0, end,
+                           unquote=unquote, chunk_octets=chunk_octets)
+    with reader:
+        out = b""
+        calls = 0
+        while not reader.done:
+            # 0 reads a whole chunk; a positive cap bounds each read.
+            chunk = reader.read_chunk(caps[calls] if calls < len(caps) else 0)
+            calls += 1
+            assert chunk or reader.done
+            out += chunk
+        assert reader.read_chunk() == b""
+        assert reader.octets_read == len(data)
+    assert out == reference_wire(data, unquote)
+
+
+def test_message_reader_reports_the_end_with_the_last_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "message"
+    path.write_bytes(b"Subject: x\n\nbody")
+    with MessageReader(os.open(path, os.O_RDONLY), 0, None, unquote=False,
+                       chunk_octets=1024) as reader:
+        assert reader.read_chunk() == b"Subject: x\r\n\r\nbody\r\n"
+        assert reader.done
 
 
 def test_top_filter_across_chunks() -> None:

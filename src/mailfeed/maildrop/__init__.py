@@ -32,7 +32,8 @@ Invariants
     is fsynced and renamed over the old one while both mbox locks are held, so
     a crash leaves either the old or the new mailbox, never a mix; writers
     must take the dotlock before opening the mbox (mailfeed's writer does).
-    Every method here blocks: the asyncio server calls them in a thread.
+    Every method here blocks: the asyncio server calls them in a thread,
+    except ``open_quick``, which does no more than one open(2).
 
 The interface, its message record and errors are in :mod:`.base`, and the
 session lock in :mod:`.lock`.

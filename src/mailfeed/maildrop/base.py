@@ -2,7 +2,8 @@
 
 Nothing is removed except by :meth:`Maildrop.expunge`, which the server
 calls only in the UPDATE state.  Every method blocks: the asyncio server
-calls them in a thread.
+calls them in a thread, except :meth:`Maildrop.open_quick`, which does no
+more than one open(2).
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class Maildrop(ABC):
     @abstractmethod
     def open(self, msgnum: int) -> MessageReader:
         """Open message ``msgnum`` for reading in its wire form."""
+
+    def open_quick(self, msgnum: int) -> MessageReader | None:
+        """Open message ``msgnum`` if that takes no more than an open(2), else None.
+
+        The asyncio server calls this on its event loop and falls back to
+        :meth:`open` in a thread on None.  The default always returns None.
+        """
+        return None
 
     @abstractmethod
     def _expunge(self, doomed: list[DropMessage]) -> None: ...

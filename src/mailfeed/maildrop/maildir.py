@@ -63,6 +63,7 @@ class MaildirDrop(Maildrop):
     def __init__(self, site: SiteConfig, *, chunk_octets: int = READ_CHUNK_OCTETS) -> None:
         self._entries: dict[int, _MaildirEntry] = {}
         super().__init__(site, chunk_octets=chunk_octets)
+        self._root = os.fspath(self.path)
 
     def _make_session_lock(self) -> _SessionLock:
         lock_file = self.path / MAILDIR_LOCK_NAME if self.path.is_dir() else None
@@ -81,7 +82,8 @@ class MaildirDrop(Maildrop):
         self._entries = {}
         seen: dict[str, int] = {}
         for folder, name in names:
-            size = self._wire_size(self.path / folder / name, name)
+            # A str path: pathlib's joins cost as much as the open itself.
+            size = self._wire_size(f"{self._root}/{folder}/{name}", name)
             if size is None:
                 continue
             unique = name.split(":", 1)[0].split(",", 1)[0]
@@ -104,7 +106,7 @@ class MaildirDrop(Maildrop):
             return unique
         return _hashed_uidl(raw)
 
-    def _wire_size(self, path: Path, name: str) -> int | None:
+    def _wire_size(self, path: str, name: str) -> int | None:
         sizes = dict(MAILDIR_SIZE_RE.findall(name.split(":", 1)[0]))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -157,6 +159,16 @@ class MaildirDrop(Maildrop):
                 if name.split(":", 1)[0].split(",", 1)[0] == entry.unique:
                     return self.path / folder / name
         return None
+
+    def open_quick(self, msgnum: int) -> MessageReader | None:
+        entry = self._entries[msgnum]
+        try:
+            # A str path, as in _scan.
+            fd = os.open(f"{self._root}/{entry.folder}/{entry.name}",
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None  # moved, renamed or unreadable: open() searches and reports
+        return MessageReader(fd, 0, None, unquote=False, chunk_octets=self.chunk_octets)
 
     def open(self, msgnum: int) -> MessageReader:
         entry = self._entries[msgnum]

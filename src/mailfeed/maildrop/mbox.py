@@ -158,6 +158,12 @@ class MboxDrop(Maildrop):
         self._scanned_end = offset
         return messages
 
+    def open_quick(self, msgnum: int) -> MessageReader | None:
+        try:
+            return self.open(msgnum)
+        except OSError:
+            return None  # open() in a thread raises it again for the caller to report
+
     def open(self, msgnum: int) -> MessageReader:
         entry = self._entries[msgnum]
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

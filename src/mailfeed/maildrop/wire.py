@@ -61,7 +61,9 @@ class WireConverter:
         if data.endswith(b"\r"):
             data = data[:-1]
             self._pending_cr = True
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        out = data.replace(b"\n", b"\r\n")
         if out:
             self._tail = (self._tail + out)[-2:]
         return out
@@ -109,16 +111,34 @@ class MessageReader:
         self, fd: int, start: int, end: int | None, *, unquote: bool, chunk_octets: int
     ) -> None:
         self._fd = fd
+        self._start = start
         self._offset = start
         self._end = end
         self._chunk_octets = chunk_octets
         self._converter = WireConverter(unquote=unquote)
         self._done = False
 
-    def read_chunk(self) -> bytes:
-        """Return the next non-empty wire chunk, or ``b""`` at the end."""
+    @property
+    def done(self) -> bool:
+        """True once :meth:`read_chunk` has returned the last chunk."""
+        return self._done
+
+    @property
+    def octets_read(self) -> int:
+        """Octets of the file read so far."""
+        return self._offset - self._start
+
+    def read_chunk(self, max_octets: int = 0) -> bytes:
+        """Return the next non-empty wire chunk, or ``b""`` at the end.
+
+        ``max_octets`` (when positive) caps each read from the file, so that a
+        caller can bound the time one call blocks; the call reads again only
+        when a read gave no output (a lone CR or a held-back mboxrd line).
+        """
         while not self._done:
             want = self._chunk_octets
+            if max_octets > 0:
+                want = min(want, max_octets)
             if self._end is not None:
                 want = min(want, self._end - self._offset)
             data = os.pread(self._fd, want, self._offset) if want > 0 else b""
@@ -127,6 +147,13 @@ class MessageReader:
                 return self._converter.finish()
             self._offset += len(data)
             out = self._converter.feed(data)
+            # Detect the end now (a short read is usually the end of the
+            # file), so that the caller needs no further call, nor thread hop.
+            if (self._end is not None and self._offset >= self._end) or (
+                len(data) < want and not os.pread(self._fd, 1, self._offset)
+            ):
+                self._done = True
+                out += self._converter.finish()
             if out:
                 return out
         return b""

@@ -48,7 +48,10 @@ class _Connection(asyncio.Protocol):
         self._in = bytearray()
         self._pos = 0
         self._discarding = False
-        self._out = bytearray()
+        # Pending output as a list of pieces, joined once per write: appending
+        # to one buffer would copy every message chunk one more time.
+        self._out: list[bytes] = []
+        self._out_octets = 0
         self._data = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -141,6 +144,9 @@ class _Connection(asyncio.Protocol):
         Pending output is written before waiting, so the replies to one read
         of pipelined commands leave in one write.  Raise TimeoutError.
         """
+        if self._in.find(b"\n", self._pos) >= 0:
+            # A pipelined command is already buffered: no timeout to arm.
+            return self._take_line(limit)
         async with asyncio.timeout(timeout):
             while True:
                 line = self._take_line(limit)
@@ -148,8 +154,10 @@ class _Connection(asyncio.Protocol):
                     return line
                 if self.eof:
                     return None
-                await self.flush()
+                # Clear before flushing: input that arrives while flush() yields
+                # sets the event again instead of being missed.
                 self._data.clear()
+                await self.flush()
                 await self._data.wait()
 
     def discard_input(self) -> int:
@@ -164,28 +172,41 @@ class _Connection(asyncio.Protocol):
 
     @property
     def pending_output(self) -> int:
-        return len(self._out)
+        return self._out_octets
 
     def write(self, data: bytes) -> None:
-        self._out += data
+        self._out.append(data)
+        self._out_octets += len(data)
 
     def reply(self, line: str) -> None:
-        self._out += line.encode("utf-8") + CRLF
+        data = line.encode("utf-8") + CRLF
+        self._out.append(data)
+        self._out_octets += len(data)
 
     async def send(self, data: bytes) -> None:
         """Queue ``data``; write and wait for drain once enough is pending."""
-        self._out += data
-        if len(self._out) >= self._settings.output_flush_octets:
+        self._out.append(data)
+        self._out_octets += len(data)
+        if self._out_octets >= self._settings.output_flush_octets:
             await self.flush()
+
+    def _take_output(self) -> bytes:
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out = []
+        self._out_octets = 0
+        return out
 
     async def flush(self) -> None:
         if self.transport is None or self.transport.is_closing():
-            self._out.clear()
+            self._take_output()
             raise _ConnectionClosed("connection closed")
         if self._out:
-            self.transport.write(bytes(self._out))
-            self._out.clear()
+            self.transport.write(self._take_output())
             self.server.stats.writes += 1
+            if self._writable.is_set():
+                # A session reading messages on the event loop does not yield
+                # while its client keeps up, so let other tasks run once per batch.
+                await asyncio.sleep(0)
         if not self._writable.is_set():
             try:
                 async with asyncio.timeout(self._settings.idle_timeout):
@@ -214,8 +235,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             if self._out:
-                self.transport.write(bytes(self._out))
-                self._out.clear()
+                self.transport.write(self._take_output())
                 self.server.stats.writes += 1
             self.transport.close()
 

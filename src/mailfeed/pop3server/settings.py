@@ -37,9 +37,13 @@ class Pop3Settings:
     auth_failure_window: float = 900.0
     tls_handshake_timeout: float = 30.0
     # Octets of pending output that trigger a write and a wait for drain.
-    output_flush_octets: int = 64 * 1024
+    output_flush_octets: int = 256 * 1024
     # Octets of unprocessed client input before reading pauses.
     max_input_buffer: int = 64 * 1024
+    # Octets of each message read on the event loop (in reads of at most this
+    # size), because a thread hop costs more than such a read.  The rest of a
+    # larger message is read in a thread.  0 sends every open and read to a thread.
+    inline_read_octets: int = 64 * 1024
 
     def __post_init__(self) -> None:
         if self.enforce_rfc_idle_minimum and self.idle_timeout < RFC_MIN_IDLE_TIMEOUT:
@@ -51,6 +55,8 @@ class Pop3Settings:
             raise ValueError(
                 f"max_command_octets = {self.max_command_octets} is under RFC 2449's 255"
             )
+        if self.inline_read_octets < 0:
+            raise ValueError(f"inline_read_octets = {self.inline_read_octets} must be at least 0")
         for name in ("max_connections", "max_connections_per_address", "max_bad_commands"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be at least 1")
