@@ -197,11 +197,14 @@ def expected_spool_bytes(block_for: Any, message: bytes) -> bytes:
 
     ``block_for(newline)`` returns the block with that line end.  The leading
     mbox ``From `` line is dropped and the block's lines end like the
-    message's first line (LF only when that line ends in a bare LF).
+    message's first line (LF only when that line ends in a bare LF).  A final
+    bare CR is completed to CRLF.
     """
     if message.startswith(b"From "):
         newline = message.find(b"\n")
         message = b"" if newline < 0 else message[newline + 1 :]
+    if message.endswith(b"\r"):
+        message += b"\n"
     end = message.find(b"\n")
     bare_lf = end >= 0 and message[end - 1 : end] != b"\r"
     return bytes(block_for(b"\n" if bare_lf else b"\r\n")) + message

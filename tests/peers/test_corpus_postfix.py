@@ -82,16 +82,13 @@ class Planned:
 
 
 def as_handed_over(raw: bytes) -> bytes:
-    """Return the corpus file as an MTA hands it to the spool, with a final LF.
+    """Return the corpus file as handed to the spool: unchanged.
 
-    SMTP DATA ends in CRLF (RFC 5321 section 4.1.1.4), so a message that
-    arrived over SMTP has a final line end.  Four corpus files (CR-only line
-    ends) have none.
+    Four corpus files (CR-only line ends) end without a line end.  Dovecot
+    appends CRLF on RETR that its LIST size leaves out, which the client
+    must accept for these messages to be fetched at all.
     """
-    # NOTE: stored without a final LF, such a message is never fetched from
-    # Dovecot.  Its RETR appends a CRLF that its LIST size (the W= value of
-    # the file name) leaves out, and mailfeed fetch rejects the size mismatch.
-    return raw if raw.endswith(b"\n") else raw + b"\n"
+    return raw
 
 
 def delivered_form(raw: bytes) -> bytes:

@@ -35,10 +35,17 @@ def test_block_crlf_for_crlf_message() -> None:
     assert data == encode_block(ENV, newline=b"\r\n") + b"Subject: a\r\n\r\nbody\r\n"
 
 
-@pytest.mark.parametrize("message", [b"", b"Subject: no newline", b"Subject: a\rX: b\r\r"])
+@pytest.mark.parametrize("message", [b"", b"Subject: no newline"])
 def test_block_crlf_when_no_lf(message: bytes) -> None:
     data, _ = run(message)
     assert data == encode_block(ENV, newline=b"\r\n") + message
+
+
+def test_final_bare_cr_completed_to_crlf() -> None:
+    data, prepared = run(b"Subject: a\rX: b\r\r")
+    assert data == encode_block(ENV, newline=b"\r\n") + b"Subject: a\rX: b\r\r\n"
+    assert prepared.size == len(data)
+    assert prepared.wsize == len(data)
 
 
 def test_leading_from_line_dropped() -> None:

@@ -74,6 +74,12 @@ __all__ = [
     "connect",
 ]
 
+# A server appends CRLF to a message whose last line has none (RFC 1939
+# section 3), and some leave it out of LIST: Dovecot serving a Maildir file
+# takes LIST from its W= size, which does not count that CRLF.  A reply
+# exactly this much longer than LIST is therefore accepted.
+UNCOUNTED_FINAL_CRLF = 2
+
 _LOG = logging.getLogger("mailfeed.pop3client")
 
 # Capability names (RFC 2449 section 6, RFC 2595 section 4).
@@ -898,7 +904,11 @@ class Pop3Client:
             failed = RetrResult(msgnum, False, 0, f"message {msgnum}: {exc}", RetrFailure.BROKEN)
             return failed, exc
         error, failure = outcome.defect, outcome.failure
-        if error is None and expected_size is not None and outcome.size != expected_size:
+        if (
+            error is None
+            and expected_size is not None
+            and outcome.size not in (expected_size, expected_size + UNCOUNTED_FINAL_CRLF)
+        ):
             error = (
                 f"size mismatch: LIST gave {expected_size} octets, RETR delivered"
                 f" {outcome.size}"

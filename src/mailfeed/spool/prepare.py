@@ -128,8 +128,13 @@ class PreparedMessage:
         while True:
             data = self._input(self.message.read(CHUNK_SIZE))
             if not data:
-                return
+                break
             yield self._output(data)
+        if self._prev_cr:
+            # A final bare CR is a line end in the delivered form anyway.
+            # Completing it to CRLF keeps a POP3 server from appending a
+            # CRLF after it, which would add an empty line.
+            yield self._output(b"\n")
 
     def _header_section(self, first: bytes) -> Iterator[bytes]:
         """Yield the header section without X-Mailfeed fields, and the empty line after it."""
