@@ -4,22 +4,28 @@ For each configured source one session runs::
 
     connect (TLS rules) -> login -> UIDL + LIST (one flight)
       -> DELE at once what the state says is fully handled (no RETR)
-      -> RETR the rest (pipelined), and for each message as it arrives:
-           digest -> block -> local domains -> record recipients as pending
-           -> deliver to pending and deferred recipients -> record outcomes
+      -> RETR the rest (pipelined), and
+         for each message as it arrives:
+           digest -> block -> local domains -> deliver to pending and deferred
+           recipients (Maildir: file fsynced) -> add to the batch
+      -> per batch of up to record_batch messages (group commit):
+           target sync (Maildir: one fsync per new/ folder)
+           -> ONE transaction: message rows, recipients, outcomes, status
            -> DSN for new failures -> final? queue DELE : keep on the server
       -> DELE (one flight) -> record -> QUIT -> only then: expunged, prune
 
 Invariants:
 
-* Each step is durable before the next starts: outcomes are committed
-  before DELE is sent, DELE acknowledgements before QUIT, and a message is
-  logged as deleted only after the server acknowledged QUIT (RFC 1939
-  section 6: deletions happen on entering the UPDATE state).
+* Outcomes are committed (fsynced) before any DELE is sent, and a message
+  is logged as deleted only after the server acknowledged QUIT (RFC 1939
+  section 6: deletions happen on entering the UPDATE state).  The DELE and
+  expunge marks are committed without an fsync: a lost mark only repeats a
+  harmless DELE.
 * A recipient recorded as delivered or failed is never delivered again.
-  The only duplicate possible is a delivery that the target accepted while
-  the process died before the outcome was committed (fault point
-  ``fetch.after_deliver``).
+  The only duplicates possible are deliveries that the target accepted in
+  the batch in progress while the process died before the batch's group
+  commit (fault points ``fetch.after_deliver``, ``fetch.before_record``): at
+  most ``record_batch`` messages.
 * A message is deleted only when every recipient is final (delivered, or
   failed with its DSN handed over or not needed).  A message with a missing
   or defective block, or with a recipient outside ``local_domains``, is
@@ -35,8 +41,9 @@ Invariants:
   ``--retry-quarantined`` clears the count.
 
 Fault points (see :mod:`mailfeed.faults`), in the order a message meets them:
-``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.after_record``,
-``fetch.after_dsn``, ``fetch.after_dele``, ``fetch.after_quit``.
+``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.before_record``,
+``fetch.after_record``, ``fetch.after_dsn``, ``fetch.after_dele``,
+``fetch.after_quit``.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from typing import BinaryIO
 
 from mailfeed import pop3client
 from mailfeed.delivery import Outcome, RecipientResult, Target
+from mailfeed.delivery.base import BatchingTarget
 from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
 from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
 from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
@@ -67,8 +75,10 @@ from mailfeed.state import (
     DsnStatus,
     MessageRecord,
     MessageStatus,
+    OutcomeRow,
     RecipientOutcome,
     RecipientRecord,
+    RecordEntry,
     StateError,
     StateStore,
 )
@@ -96,6 +106,9 @@ EXIT_PRIORITY = (EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_DATAERR, EX_OK)
 # RFC 2449 section 8 / RFC 3206 response codes after which a retry may work.
 TEMPORARY_AUTH_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
 HASH_CHUNK = 64 * 1024
+# Most messages delivered before their outcomes are recorded in one SQLite
+# transaction (group commit); it bounds the duplicates after a crash.
+DEFAULT_RECORD_BATCH = 64
 # Statuses after which the next step is DELE: the message was fully handled.
 HANDLED = (MessageStatus.FINAL, MessageStatus.DELE_SENT)
 # Statuses whose row belongs to one content only: a listed UIDL with other
@@ -269,6 +282,53 @@ def ssl_context_for(source: SourceConfig) -> ssl.SSLContext | None:
     return context
 
 
+@dataclass
+class _Delivered:
+    """A message delivered in the current batch, waiting for the group commit."""
+
+    msgnum: int
+    uidl: str
+    digest: str
+    size: int
+    block: Block
+    recipients: list[str]
+    # The recipient rows recorded before this session's delivery.
+    rows: list[RecipientRecord]
+    outcomes: list[OutcomeRow]
+    sink: _CappedSink
+
+    def entry(self, source: str) -> RecordEntry:
+        final = not self.deferred() and not self.dsn_owed()
+        status = MessageStatus.FINAL if final else MessageStatus.DELIVERING
+        return RecordEntry(source, self.uidl, self.digest, self.size, self.recipients,
+                           self.outcomes, status)
+
+    def deferred(self) -> list[tuple[str, int | None, str | None]]:
+        """Return (recipient, code, text) of each recipient not final after the outcomes."""
+        latest: dict[str, tuple[RecipientOutcome, int | None, str | None]] = {
+            row.recipient: (row.outcome, row.code, row.text) for row in self.rows
+        }
+        for rcpt in self.recipients:
+            latest.setdefault(rcpt, (RecipientOutcome.PENDING, None, None))
+        for rcpt, outcome, code, text in self.outcomes:
+            latest[rcpt] = (outcome, code, text)
+        return [(rcpt, code, text) for rcpt, (outcome, code, text) in latest.items()
+                if outcome not in FINAL_OUTCOMES]
+
+    def dsn_owed(self) -> bool:
+        """True when a failed recipient's DSN is not handed over yet, by the rows and outcomes."""
+        return (any(row.dsn == DsnStatus.PENDING for row in self.rows)
+                or any(outcome == RecipientOutcome.FAILED for _r, outcome, _c, _t in self.outcomes))
+
+    def defer_delivered(self, text: str) -> None:
+        """Turn DELIVERED outcomes into DEFERRED: the target could not make them durable."""
+        self.outcomes = [
+            (rcpt, RecipientOutcome.DEFERRED, 451, text)
+            if outcome == RecipientOutcome.DELIVERED else (rcpt, outcome, code, text_)
+            for rcpt, outcome, code, text_ in self.outcomes
+        ]
+
+
 class Fetcher:
     """Runs sessions for the sources of one site configuration."""
 
@@ -283,7 +343,11 @@ class Fetcher:
         progress: ProgressCallback | None = None,
         retry_quarantined: bool = False,
         clock: Callable[[], float] = time.time,
+        record_batch: int = DEFAULT_RECORD_BATCH,
     ) -> None:
+        if record_batch < 1:
+            raise ValueError(f"record_batch={record_batch} is invalid: it must be at least 1")
+        self.record_batch = record_batch
         self.config = config
         self.store = store
         self.target = target
@@ -450,49 +514,118 @@ class _Session:
         return to_retrieve
 
     async def _retrieve(self, msgnums: list[int]) -> None:
+        """RETR ``msgnums`` and deliver them, recording outcomes in group commits.
+
+        Delivered messages are collected into a batch of at most
+        ``record_batch`` messages; :meth:`_record` then makes the target's
+        results durable and records the whole batch in one transaction.  The
+        batch is also recorded when the session ends early (stop, error).
+        """
         assert self.client is not None
         planned_octets = sum(self.sizes.get(n, 0) for n in msgnums)
+        target = self.fetcher.target
+        if isinstance(target, BatchingTarget):
+            target.begin_batch()
         results = self.client.retrieve(
             msgnums,
             open_sink=self._open_sink,
             expected_sizes={n: self.sizes[n] for n in msgnums if n in self.sizes},
             window=self.limits.pipelining_window,
         )
-        async with contextlib.aclosing(results):  # type: ignore[type-var]
-            async for result in results:
-                sink = self.sinks.pop(result.msgnum, None)
-                try:
-                    await self._handle(result, sink)
-                finally:
-                    if sink is not None:
-                        sink.file.close()
-                if self.fetcher.progress is not None:
-                    self.fetcher.progress(self.report, len(msgnums), planned_octets)
-                if self.fetcher.stop_requested:
-                    log.info("%s: stop requested: no further messages this session", self.sid)
-                    break
+        batch: list[_Delivered] = []
+        try:
+            async with contextlib.aclosing(results):  # type: ignore[type-var]
+                async for result in results:
+                    sink = self.sinks.pop(result.msgnum, None)
+                    delivered: _Delivered | None = None
+                    try:
+                        delivered = await self._handle(result, sink)
+                    finally:
+                        if delivered is not None:
+                            batch.append(delivered)
+                        elif sink is not None:
+                            sink.file.close()
+                    if self.fetcher.progress is not None:
+                        self.fetcher.progress(self.report, len(msgnums), planned_octets)
+                    if len(batch) >= self.fetcher.record_batch:
+                        done, batch = batch, []
+                        await self._record(done)
+                    if self.fetcher.stop_requested:
+                        log.info("%s: stop requested: no further messages this session",
+                                 self.sid)
+                        break
+        finally:
+            done, batch = batch, []
+            await self._record(done)
 
     def _open_sink(self, msgnum: int) -> _CappedSink:
         sink = _CappedSink(self.limits.max_message_size)
         self.sinks[msgnum] = sink
         return sink
 
-    async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None) -> None:
-        """One retrieved message: check it, record its recipients, deliver, record outcomes."""
+    async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None,
+                      ) -> _Delivered | None:
+        """One retrieved message: check it and deliver it; return it for :meth:`_record`.
+
+        Returns None for a message that is not delivered (a failed RETR, a
+        quarantined or skipped one); its state is already recorded.
+        """
         msgnum = result.msgnum
         uidl = self.entries[msgnum]
         if not result.ok or capped is None:
             self._retrieval_failed(msgnum, uidl, result, capped)
-            return
+            return None
         sink = capped.file
         digest = self._accept_retrieved(msgnum, uidl, result, sink)
         checked = self._check_block(msgnum, uidl, digest, sink, result.size)
         if checked is None:
-            return
+            return None
         block, recipients = checked
-        record = self.store.begin_message(self.source.name, uidl, digest, result.size,
-                                          recipients)
-        await self._deliver(msgnum, record, block, sink)
+        record = self.store.get(self.source.name, uidl)
+        rows = [] if record is None else self.store.recipients(record.id)
+        known = {row.recipient for row in rows}
+        todo = [row.recipient for row in rows
+                if row.outcome in (RecipientOutcome.PENDING, RecipientOutcome.DEFERRED)]
+        todo += [rcpt for rcpt in recipients if rcpt not in known]
+        delivered = _Delivered(msgnum, uidl, digest, result.size, block, recipients, rows,
+                               [], capped)
+        if todo:
+            envelope = Envelope(block.envelope.sender, tuple(todo))
+            sink.seek(block.length)
+            results = await self._call_target(envelope, sink)
+            fault_point("fetch.after_deliver")
+            first_seen = self.fetcher.clock() if record is None else record.first_seen
+            delivered.outcomes = self._outcomes(first_seen, todo, results)
+        return delivered
+
+    async def _record(self, batch: list[_Delivered]) -> None:
+        """Group commit: make the batch's deliveries durable, record them, then finish each.
+
+        Nothing of the batch is deleted before this commit.  A crash before
+        it redelivers the batch's recipients in the next session (the one
+        duplicate window); a crash after it redelivers none of them.
+        """
+        if not batch:
+            return
+        try:
+            target = self.fetcher.target
+            if isinstance(target, BatchingTarget):
+                try:
+                    await asyncio.to_thread(target.sync)
+                except OSError as exc:
+                    log.error("%s: making %d deliveries durable failed: %s; they are recorded "
+                              "as deferred and delivered again later", self.sid, len(batch), exc)
+                    for item in batch:
+                        item.defer_delivered(f"4.3.0 syncing the delivery failed: {exc}")
+            fault_point("fetch.before_record")
+            entries = [item.entry(self.source.name) for item in batch]
+            records = self.store.record_batch(entries)
+            fault_point("fetch.after_record")
+            for item, record in zip(batch, records, strict=True):
+                await self._finish(item, record)
+        finally:
+            for item in batch:
+                item.sink.file.close()
 
     def _accept_retrieved(self, msgnum: int, uidl: str, result: pop3client.RetrResult,
                           sink: BinaryIO) -> str:
@@ -563,42 +696,36 @@ class _Session:
                  self.sid, uidl, digest[:16], old.uidl)
         self.store.adopt(old, uidl, digest, size)
 
-    async def _deliver(self, msgnum: int, record: MessageRecord, block: Block,
-                       sink: BinaryIO) -> None:
-        rows = self.store.recipients(record.id)
-        todo = [row.recipient for row in rows
-                if row.outcome in (RecipientOutcome.PENDING, RecipientOutcome.DEFERRED)]
-        if todo:
-            envelope = Envelope(block.envelope.sender, tuple(todo))
-            sink.seek(block.length)
-            results = await self._call_target(envelope, sink)
-            fault_point("fetch.after_deliver")
-            outcomes = self._outcomes(record, todo, results)
-            self.store.record_outcomes(record.id, outcomes)
-            fault_point("fetch.after_record")
-            for rcpt, outcome, code, text in outcomes:
-                log.info("%s: message %d (UIDL %s) to <%s>: %s %s %s", self.sid, msgnum,
-                         record.uidl, rcpt, outcome.value, code, text)
-                if outcome == RecipientOutcome.DELIVERED:
-                    self.report.delivered += 1
-                elif outcome == RecipientOutcome.FAILED:
-                    self.report.failed += 1
-                    self.report.raise_exit(EX_UNAVAILABLE)
-            rows = self.store.recipients(record.id)
-        dsn_done = await self._send_dsn(record, block, sink)
-        deferred = [row for row in rows if row.outcome not in FINAL_OUTCOMES]
+    async def _finish(self, item: _Delivered, record: MessageRecord) -> None:
+        """After the batch's commit: log, send a DSN if owed, queue DELE or keep the message."""
+        msgnum = item.msgnum
+        for rcpt, outcome, code, text in item.outcomes:
+            log.info("%s: message %d (UIDL %s) to <%s>: %s %s %s", self.sid, msgnum,
+                     record.uidl, rcpt, outcome.value, code, text)
+            if outcome == RecipientOutcome.DELIVERED:
+                self.report.delivered += 1
+            elif outcome == RecipientOutcome.FAILED:
+                self.report.failed += 1
+                self.report.raise_exit(EX_UNAVAILABLE)
+        sink = item.sink.file
+        dsn_done = True
+        if item.dsn_owed():
+            dsn_done = await self._send_dsn(record, item.block, sink)
+        deferred = item.deferred()
         if deferred or not dsn_done:
-            self.store.set_status(record.id, MessageStatus.DELIVERING)
+            if record.status != MessageStatus.DELIVERING:
+                self.store.set_status(record.id, MessageStatus.DELIVERING)
             self.report.deferred += len(deferred)
             self.report.kept_uidls.append(record.uidl)
             self.report.raise_exit(EX_TEMPFAIL)
-            why = "; ".join(f"<{row.recipient}> {row.code} {row.text}" for row in deferred[:5])
+            why = "; ".join(f"<{rcpt}> {code} {text}" for rcpt, code, text in deferred[:5])
             if not dsn_done:
                 why = (why + "; " if why else "") + "DSN not handed over yet"
             log.warning("%s: message %d (UIDL %s) kept on the server: %d recipients deferred: %s",
                         self.sid, msgnum, record.uidl, len(deferred), why)
             return
-        self.store.set_status(record.id, MessageStatus.FINAL)
+        if record.status not in HANDLED:
+            self.store.set_status(record.id, MessageStatus.FINAL)
         self.to_delete[msgnum] = record.id
 
     async def _call_target(self, envelope: Envelope, sink: BinaryIO) -> list[RecipientResult]:
@@ -617,13 +744,12 @@ class _Session:
         return [RecipientResult(rcpt, Outcome.DEFERRED, 451, f"4.3.0 {reason}")
                 for rcpt in envelope.recipients]
 
-    def _outcomes(self, record: MessageRecord, todo: list[str],
-                  results: list[RecipientResult],
-                  ) -> list[tuple[str, RecipientOutcome, int | None, str | None]]:
+    def _outcomes(self, first_seen: float, todo: list[str],
+                  results: list[RecipientResult]) -> list[OutcomeRow]:
         by_rcpt = {result.recipient: result for result in results}
         lifetime = self.limits.max_queue_lifetime
-        expired = bool(lifetime) and self.fetcher.clock() - record.first_seen > lifetime
-        outcomes: list[tuple[str, RecipientOutcome, int | None, str | None]] = []
+        expired = bool(lifetime) and self.fetcher.clock() - first_seen > lifetime
+        outcomes: list[OutcomeRow] = []
         for rcpt in todo:
             result = by_rcpt.get(rcpt)
             if result is None:
