@@ -2,9 +2,10 @@
 
 For each configured source one session runs::
 
-    connect (TLS rules) -> login -> UIDL + LIST (one flight)
+    connect (TLS rules) -> CAPA -> login (USER+PASS: one flight with PIPELINING)
+      -> UIDL + LIST (one flight)
       -> DELE at once what the state says is fully handled (no RETR)
-      -> RETR the rest (pipelined), and
+      -> RETR the rest (pipelined, one flight up to pipelining_window), and
          for each message as it arrives:
            digest -> block -> local domains -> deliver to pending and deferred
            recipients (Maildir: file fsynced) -> add to the batch
@@ -12,7 +13,7 @@ For each configured source one session runs::
            target sync (Maildir: one fsync per new/ folder)
            -> ONE transaction: message rows, recipients, outcomes, status
            -> DSN for new failures -> final? queue DELE : keep on the server
-      -> DELE (one flight) -> record -> QUIT -> only then: expunged, prune
+      -> every DELE + QUIT (one flight) -> only then: expunged, prune
 
 Invariants:
 
@@ -433,8 +434,7 @@ class _Session:
         if to_retrieve:
             # Per message: RETR -> block -> deliver -> record the outcomes.
             await self._retrieve(to_retrieve)
-        await self._delete()
-        await self._quit()
+        await self._delete_and_quit()
         self._prune(listing)
 
     async def _connect_and_list(self) -> pop3client.UidlListing:
@@ -857,14 +857,19 @@ class _Session:
                         "%s; run mailfeed fetch --retry-quarantined to try it again",
                         self.sid, msgnum, uidl, attempts, limit, error)
 
-    async def _delete(self) -> None:
-        if not self.to_delete or self.client is None:
+    async def _delete_and_quit(self) -> None:
+        """DELE every handled message and QUIT, in one flight with PIPELINING.
+
+        Every DELE'd message's outcomes were committed (fsynced) before.  The
+        marks written here are not fsynced: a lost one only repeats a DELE
+        or keeps a row until pruning.
+        """
+        client, self.client = self.client, None
+        if client is None:
             return
         msgnums = sorted(self.to_delete)
-        acked = await self.client.delete_many(msgnums, window=self.limits.pipelining_window)
-        ids = [self.to_delete[n] for n in msgnums if acked.get(n)]
-        self.store.mark_dele_sent(ids)
-        fault_point("fetch.after_dele")
+        acked, quit_ok = await client.delete_and_quit(msgnums,
+                                                      window=self.limits.pipelining_window)
         for msgnum in msgnums:
             if acked.get(msgnum):
                 self.dele_acked.append((self.to_delete[msgnum], self.entries[msgnum]))
@@ -874,12 +879,9 @@ class _Session:
                 log.warning("%s: DELE %d (UIDL %s) rejected; it stays until the next session",
                             self.sid, msgnum, self.entries[msgnum])
                 self.report.raise_exit(EX_TEMPFAIL)
-
-    async def _quit(self) -> None:
-        client, self.client = self.client, None
-        if client is None:
-            return
-        if not await client.quit():
+        if not quit_ok:
+            self.store.mark_dele_sent([row_id for row_id, _uidl in self.dele_acked])
+            fault_point("fetch.after_dele")
             if self.dele_acked:
                 log.warning("%s %s: QUIT not acknowledged: %d messages marked for deletion "
                             "stay on the server until the next session", self.sid, self.peer,
@@ -887,6 +889,7 @@ class _Session:
             self.report.raise_exit(EX_TEMPFAIL)
             self.report.error = "QUIT not acknowledged"
             return
+        fault_point("fetch.after_dele")
         fault_point("fetch.after_quit")
         self.store.mark_expunged([row_id for row_id, _uidl in self.dele_acked])
         for _row_id, uidl in self.dele_acked:
