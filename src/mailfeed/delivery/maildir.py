@@ -152,11 +152,14 @@ class MaildirTarget:
         return RecipientResult(rcpt, Outcome.DELIVERED, 250, f"2.0.0 delivered to {path}")
 
     def _unique_name(self) -> str:
-        self._counter += 1
+        # deliver() may run in several threads at once: the counter keeps names unique.
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micro}P{os.getpid()}Q{self._counter}.{self._host}"
+        return f"{seconds}.M{micro}P{os.getpid()}Q{counter}.{self._host}"
 
     def _make_folder(self, folder: Path) -> None:
         if folder.is_symlink():
