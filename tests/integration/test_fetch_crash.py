@@ -3,12 +3,12 @@
 Each scenario kills a real ``mailfeed fetch`` process at one or two random
 fault points (MAILFEED_FAULT=NAME:kill), then runs it to completion against
 the same maildrop, state file and MTA.  Afterwards every recipient has its
-copy, and a second copy exists only for the recipients of the deliveries
-that the MTA accepted in the batch in progress at a kill at
-``fetch.after_deliver`` (after the first delivery) or ``fetch.before_record``
-(after the whole batch): the one window, between an accepted delivery and the
-group commit that records its batch.  A kill at ``fetch.after_record`` and
-later leaves no duplicate.
+copy.  A second copy exists only for deliveries that the MTA accepted in the
+batch in progress when the kill came at ``fetch.after_deliver`` (after the
+first delivery) or ``fetch.before_record`` (after the whole batch).  That is
+the one window: between an accepted delivery and the group commit that
+records its batch.  A kill at ``fetch.after_record`` or later leaves no
+duplicate.
 """
 
 from __future__ import annotations
