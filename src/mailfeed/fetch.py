@@ -2,24 +2,31 @@
 
 For each configured source one session runs::
 
-    connect (TLS rules) -> login -> UIDL + LIST (one flight)
+    connect (TLS rules) -> CAPA -> login (USER+PASS: one flight with PIPELINING)
+      -> UIDL + LIST (one flight)
       -> DELE at once what the state says is fully handled (no RETR)
-      -> RETR the rest (pipelined), and for each message as it arrives:
-           digest -> block -> local domains -> record recipients as pending
-           -> deliver to pending and deferred recipients -> record outcomes
+      -> RETR the rest (pipelined, one flight up to pipelining_window), and
+         for each message as it arrives:
+           digest -> block -> local domains -> deliver to pending and deferred
+           recipients (Maildir: file fsynced) -> add to the batch
+      -> per batch of up to record_batch messages (group commit):
+           target sync (Maildir: one fsync per new/ folder)
+           -> ONE transaction: message rows, recipients, outcomes, status
            -> DSN for new failures -> final? queue DELE : keep on the server
-      -> DELE (one flight) -> record -> QUIT -> only then: expunged, prune
+      -> every DELE + QUIT (one flight) -> only then: expunged, prune
 
 Invariants:
 
-* Each step is durable before the next starts: outcomes are committed
-  before DELE is sent, DELE acknowledgements before QUIT, and a message is
-  logged as deleted only after the server acknowledged QUIT (RFC 1939
-  section 6: deletions happen on entering the UPDATE state).
+* Outcomes are committed (fsynced) before any DELE is sent, and a message
+  is logged as deleted only after the server acknowledged QUIT (RFC 1939
+  section 6: deletions happen on entering the UPDATE state).  The DELE and
+  expunge marks are committed without an fsync: a lost mark only repeats a
+  harmless DELE.
 * A recipient recorded as delivered or failed is never delivered again.
-  The only duplicate possible is a delivery that the target accepted while
-  the process died before the outcome was committed (fault point
-  ``fetch.after_deliver``).
+  The only duplicates possible are deliveries that the target accepted in
+  the batch in progress while the process died before the batch's group
+  commit (fault points ``fetch.after_deliver``, ``fetch.before_record``): at
+  most ``record_batch`` messages.
 * A message is deleted only when every recipient is final (delivered, or
   failed with its DSN handed over or not needed).  A message with a missing
   or defective block, or with a recipient outside ``local_domains``, is
@@ -35,8 +42,9 @@ Invariants:
   ``--retry-quarantined`` clears the count.
 
 Fault points (see :mod:`mailfeed.faults`), in the order a message meets them:
-``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.after_record``,
-``fetch.after_dsn``, ``fetch.after_dele``, ``fetch.after_quit``.
+``fetch.after_retr``, ``fetch.after_deliver``, ``fetch.before_record``,
+``fetch.after_record``, ``fetch.after_dsn``, ``fetch.after_dele``,
+``fetch.after_quit``.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from typing import BinaryIO
 
 from mailfeed import pop3client
 from mailfeed.delivery import Outcome, RecipientResult, Target
+from mailfeed.delivery.base import BatchingTarget
 from mailfeed.dsn import MAX_HEADER_OCTETS, build_dsn, dsn_envelope
 from mailfeed.envelope import Block, BlockDefect, Envelope, read_block
 from mailfeed.errors import EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
@@ -67,8 +76,10 @@ from mailfeed.state import (
     DsnStatus,
     MessageRecord,
     MessageStatus,
+    OutcomeRow,
     RecipientOutcome,
     RecipientRecord,
+    RecordEntry,
     StateError,
     StateStore,
 )
@@ -99,6 +110,12 @@ HASH_CHUNK = 64 * 1024
 # Deferred UIDLs named in the summary line; the rest are counted.  Each one
 # is also in its own log line.
 MAX_SUMMARY_UIDLS = 10
+# Most deliveries running at once (threads) for a target that supports
+# batches; below the default thread pool size of 2-core machines (6).
+PARALLEL_DELIVERIES = 4
+# Most messages delivered before their outcomes are recorded in one SQLite
+# transaction (group commit); it bounds the duplicates after a crash.
+DEFAULT_RECORD_BATCH = 64
 # Statuses after which the next step is DELE: the message was fully handled.
 HANDLED = (MessageStatus.FINAL, MessageStatus.DELE_SENT)
 # Statuses whose row belongs to one content only: a listed UIDL with other
@@ -274,6 +291,55 @@ def ssl_context_for(source: SourceConfig) -> ssl.SSLContext | None:
     return context
 
 
+@dataclass
+class _Delivered:
+    """A message delivered in the current batch, waiting for the group commit."""
+
+    msgnum: int
+    uidl: str
+    digest: str
+    size: int
+    block: Block
+    recipients: list[str]
+    # The recipient rows recorded before this session's delivery.
+    rows: list[RecipientRecord]
+    outcomes: list[OutcomeRow]
+    sink: _CappedSink
+    # The delivery still running (concurrent deliveries), or None when done.
+    task: asyncio.Future[None] | None = None
+
+    def entry(self, source: str) -> RecordEntry:
+        final = not self.deferred() and not self.dsn_owed()
+        status = MessageStatus.FINAL if final else MessageStatus.DELIVERING
+        return RecordEntry(source, self.uidl, self.digest, self.size, self.recipients,
+                           self.outcomes, status)
+
+    def deferred(self) -> list[tuple[str, int | None, str | None]]:
+        """Return (recipient, code, text) of each recipient not final after the outcomes."""
+        latest: dict[str, tuple[RecipientOutcome, int | None, str | None]] = {
+            row.recipient: (row.outcome, row.code, row.text) for row in self.rows
+        }
+        for rcpt in self.recipients:
+            latest.setdefault(rcpt, (RecipientOutcome.PENDING, None, None))
+        for rcpt, outcome, code, text in self.outcomes:
+            latest[rcpt] = (outcome, code, text)
+        return [(rcpt, code, text) for rcpt, (outcome, code, text) in latest.items()
+                if outcome not in FINAL_OUTCOMES]
+
+    def dsn_owed(self) -> bool:
+        """True when a failed recipient's DSN is not handed over yet, by the rows and outcomes."""
+        return (any(row.dsn == DsnStatus.PENDING for row in self.rows)
+                or any(outcome == RecipientOutcome.FAILED for _r, outcome, _c, _t in self.outcomes))
+
+    def defer_delivered(self, text: str) -> None:
+        """Turn DELIVERED outcomes into DEFERRED: the target could not make them durable."""
+        self.outcomes = [
+            (rcpt, RecipientOutcome.DEFERRED, 451, text)
+            if outcome == RecipientOutcome.DELIVERED else (rcpt, outcome, code, text_)
+            for rcpt, outcome, code, text_ in self.outcomes
+        ]
+
+
 class Fetcher:
     """Runs sessions for the sources of one site configuration."""
 
@@ -288,7 +354,11 @@ class Fetcher:
         progress: ProgressCallback | None = None,
         retry_quarantined: bool = False,
         clock: Callable[[], float] = time.time,
+        record_batch: int = DEFAULT_RECORD_BATCH,
     ) -> None:
+        if record_batch < 1:
+            raise ValueError(f"record_batch={record_batch} is invalid: it must be at least 1")
+        self.record_batch = record_batch
         self.config = config
         self.store = store
         self.target = target
@@ -362,6 +432,9 @@ class _Session:
         # Why the delivery target could not be reached, once a delivery found
         # it down: no further message is retrieved in this session then.
         self.target_down: str | None = None
+        self.delivery_slots = asyncio.Semaphore(PARALLEL_DELIVERIES)
+        # UIDLs retried out of quarantine in this session.
+        self.from_quarantine: set[str] = set()
 
     # -- logging -----------------------------------------------------------------
 
@@ -379,7 +452,7 @@ class _Session:
         """The session, step by step; each step is durable before the next starts."""
         listing = await self._connect_and_list()
         if listing is None:
-            await self._quit()
+            await self._delete_and_quit()
             return
         to_retrieve = self._plan()
         if to_retrieve and self._stopped(len(to_retrieve)):
@@ -387,8 +460,7 @@ class _Session:
         if to_retrieve:
             # Per message: RETR -> block -> deliver -> record the outcomes.
             await self._retrieve(to_retrieve)
-        await self._delete()
-        await self._quit()
+        await self._delete_and_quit()
         self._prune(listing)
 
     def _stopped(self, left: int) -> bool:
@@ -486,29 +558,51 @@ class _Session:
         return to_retrieve
 
     async def _retrieve(self, msgnums: list[int]) -> None:
+        """RETR ``msgnums`` and deliver them, recording outcomes in group commits.
+
+        Delivered messages are collected into a batch of at most
+        ``record_batch`` messages; :meth:`_record` then makes the target's
+        results durable and records the whole batch in one transaction.  The
+        batch is also recorded when the session ends early (stop, error).
+        """
         assert self.client is not None
         planned_octets = sum(self.sizes.get(n, 0) for n in msgnums)
         handled = 0
+        target = self.fetcher.target
+        if isinstance(target, BatchingTarget):
+            target.begin_batch()
         results = self.client.retrieve(
             msgnums,
             open_sink=self._open_sink,
             expected_sizes={n: self.sizes[n] for n in msgnums if n in self.sizes},
             window=self.limits.pipelining_window,
         )
-        async with contextlib.aclosing(results):  # type: ignore[type-var]
-            async for result in results:
-                sink = self.sinks.pop(result.msgnum, None)
-                try:
-                    await self._handle(result, sink)
-                finally:
-                    if sink is not None:
-                        sink.file.close()
-                handled += 1
-                if self.fetcher.progress is not None:
-                    self.fetcher.progress(self.report, len(msgnums), planned_octets)
-                if handled < len(msgnums) and (self.target_down or
-                                               self._stopped(len(msgnums) - handled)):
-                    break
+        batch: list[_Delivered] = []
+        try:
+            async with contextlib.aclosing(results):  # type: ignore[type-var]
+                async for result in results:
+                    sink = self.sinks.pop(result.msgnum, None)
+                    delivered: _Delivered | None = None
+                    try:
+                        delivered = await self._handle(result, sink)
+                    finally:
+                        if delivered is not None:
+                            batch.append(delivered)
+                        elif sink is not None:
+                            sink.file.close()
+                    handled += 1
+                    if self.fetcher.progress is not None:
+                        self.fetcher.progress(self.report, len(msgnums), planned_octets)
+                    if len(batch) >= self.fetcher.record_batch:
+                        done, batch = batch, []
+                        await self._record(done)
+                    if handled < len(msgnums) and (
+                        self.target_down or self._stopped(len(msgnums) - handled)
+                    ):
+                        break
+        finally:
+            done, batch = batch, []
+            await self._record(done)
         if self.target_down:
             log.error("%s: the delivery target %s cannot be reached (%s): no further "
                       "messages retrieved this session; %d left on the server",
@@ -521,26 +615,85 @@ class _Session:
         self.sinks[msgnum] = sink
         return sink
 
-    async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None) -> None:
-        """One retrieved message: check it, record its recipients, deliver, record outcomes."""
+    async def _handle(self, result: pop3client.RetrResult, capped: _CappedSink | None,
+                      ) -> _Delivered | None:
+        """One retrieved message: check it and deliver it; return it for :meth:`_record`.
+
+        Returns None for a message that is not delivered (a failed RETR, a
+        quarantined or skipped one); its state is already recorded.
+        """
         msgnum = result.msgnum
         uidl = self.entries[msgnum]
         if not result.ok or capped is None:
             self._retrieval_failed(msgnum, uidl, result, capped)
-            return
+            return None
         sink = capped.file
         digest = self._accept_retrieved(msgnum, uidl, result, sink)
         checked = self._check_block(msgnum, uidl, digest, sink, result.size)
         if checked is None:
-            return
+            return None
         block, recipients = checked
-        previous = self.records.get(uidl)
-        record = self.store.begin_message(self.source.name, uidl, digest, result.size,
-                                          recipients)
-        await self._deliver(msgnum, record, block, sink)
-        if (previous is not None and previous.status == MessageStatus.QUARANTINED
-                and msgnum in self.to_delete):
-            self._release(uidl, digest)
+        record = self.store.get(self.source.name, uidl)
+        if record is not None and record.status == MessageStatus.QUARANTINED:
+            # Delivered now (--retry-quarantined): its quarantined copy is
+            # moved out of the way once the message is queued for DELE.
+            self.from_quarantine.add(uidl)
+        rows = [] if record is None else self.store.recipients(record.id)
+        known = {row.recipient for row in rows}
+        todo = [row.recipient for row in rows
+                if row.outcome in (RecipientOutcome.PENDING, RecipientOutcome.DEFERRED)]
+        todo += [rcpt for rcpt in recipients if rcpt not in known]
+        delivered = _Delivered(msgnum, uidl, digest, result.size, block, recipients, rows,
+                               [], capped)
+        if todo:
+            first_seen = self.fetcher.clock() if record is None else record.first_seen
+            delivery = self._deliver(delivered, todo, first_seen)
+            if isinstance(self.fetcher.target, BatchingTarget):
+                # Its deliveries run side by side and finish before the group commit, so
+                # the file fsyncs of a batch overlap instead of adding up.
+                delivered.task = asyncio.ensure_future(delivery)
+            else:
+                await delivery
+        return delivered
+
+    async def _deliver(self, item: _Delivered, todo: list[str], first_seen: float) -> None:
+        envelope = Envelope(item.block.envelope.sender, tuple(todo))
+        item.sink.file.seek(item.block.length)
+        # Waiting for a slot is outside delivery_timeout, which times only the delivery.
+        async with self.delivery_slots:
+            results = await self._call_target(envelope, item.sink.file)
+        fault_point("fetch.after_deliver")
+        item.outcomes = self._outcomes(first_seen, todo, results)
+
+    async def _record(self, batch: list[_Delivered]) -> None:
+        """Group commit: make the batch's deliveries durable, record them, then finish each.
+
+        Nothing of the batch is deleted before this commit.  A crash before
+        it redelivers the batch's recipients in the next session (the one
+        duplicate window); a crash after it redelivers none of them.
+        """
+        if not batch:
+            return
+        try:
+            await asyncio.gather(*(item.task for item in batch if item.task is not None))
+            target = self.fetcher.target
+            if isinstance(target, BatchingTarget):
+                try:
+                    await asyncio.to_thread(target.sync)
+                except OSError as exc:
+                    log.error("%s: making %d deliveries durable failed: %s; they are recorded "
+                              "as deferred and delivered again later", self.sid, len(batch), exc)
+                    for item in batch:
+                        item.defer_delivered(f"4.3.0 syncing the delivery failed: {exc}")
+            fault_point("fetch.before_record")
+            entries = [item.entry(self.source.name) for item in batch]
+            records = self.store.record_batch(entries)
+            fault_point("fetch.after_record")
+            for item, record in zip(batch, records, strict=True):
+                await self._finish(item, record)
+        finally:
+            for item in batch:
+                item.sink.file.close()
 
     def _accept_retrieved(self, msgnum: int, uidl: str, result: pop3client.RetrResult,
                           sink: BinaryIO) -> str:
@@ -611,43 +764,39 @@ class _Session:
                  self.sid, uidl, digest[:16], old.uidl)
         self.store.adopt(old, uidl, digest, size)
 
-    async def _deliver(self, msgnum: int, record: MessageRecord, block: Block,
-                       sink: BinaryIO) -> None:
-        rows = self.store.recipients(record.id)
-        todo = [row.recipient for row in rows
-                if row.outcome in (RecipientOutcome.PENDING, RecipientOutcome.DEFERRED)]
-        if todo:
-            envelope = Envelope(block.envelope.sender, tuple(todo))
-            sink.seek(block.length)
-            results = await self._call_target(envelope, sink)
-            fault_point("fetch.after_deliver")
-            outcomes = self._outcomes(record, todo, results)
-            self.store.record_outcomes(record.id, outcomes)
-            fault_point("fetch.after_record")
-            for rcpt, outcome, code, text in outcomes:
-                log.info("%s: message %d (UIDL %s) to <%s>: %s %s %s", self.sid, msgnum,
-                         record.uidl, rcpt, outcome.value, code, text)
-                if outcome == RecipientOutcome.DELIVERED:
-                    self.report.delivered += 1
-                elif outcome == RecipientOutcome.FAILED:
-                    self.report.failed += 1
-                    self.report.raise_exit(EX_UNAVAILABLE)
-            rows = self.store.recipients(record.id)
-        dsn_done = await self._send_dsn(record, block, sink)
-        deferred = [row for row in rows if row.outcome not in FINAL_OUTCOMES]
+    async def _finish(self, item: _Delivered, record: MessageRecord) -> None:
+        """After the batch's commit: log, send a DSN if owed, queue DELE or keep the message."""
+        msgnum = item.msgnum
+        for rcpt, outcome, code, text in item.outcomes:
+            log.info("%s: message %d (UIDL %s) to <%s>: %s %s %s", self.sid, msgnum,
+                     record.uidl, rcpt, outcome.value, code, text)
+            if outcome == RecipientOutcome.DELIVERED:
+                self.report.delivered += 1
+            elif outcome == RecipientOutcome.FAILED:
+                self.report.failed += 1
+                self.report.raise_exit(EX_UNAVAILABLE)
+        sink = item.sink.file
+        dsn_done = True
+        if item.dsn_owed():
+            dsn_done = await self._send_dsn(record, item.block, sink)
+        deferred = item.deferred()
         if deferred or not dsn_done:
-            self.store.set_status(record.id, MessageStatus.DELIVERING)
+            if record.status != MessageStatus.DELIVERING:
+                self.store.set_status(record.id, MessageStatus.DELIVERING)
             self.report.deferred += len(deferred)
             self.report.kept_uidls.append(record.uidl)
             self.report.raise_exit(EX_TEMPFAIL)
-            why = "; ".join(f"<{row.recipient}> {row.code} {row.text}" for row in deferred[:5])
+            why = "; ".join(f"<{rcpt}> {code} {text}" for rcpt, code, text in deferred[:5])
             if not dsn_done:
                 why = (why + "; " if why else "") + "DSN not handed over yet"
             log.warning("%s: message %d (UIDL %s) kept on the server: %d recipients deferred: %s",
                         self.sid, msgnum, record.uidl, len(deferred), why)
             return
-        self.store.set_status(record.id, MessageStatus.FINAL)
+        if record.status not in HANDLED:
+            self.store.set_status(record.id, MessageStatus.FINAL)
         self.to_delete[msgnum] = record.id
+        if record.uidl in self.from_quarantine:
+            self._release(record.uidl, item.digest)
 
     async def _call_target(self, envelope: Envelope, sink: BinaryIO) -> list[RecipientResult]:
         try:
@@ -669,13 +818,12 @@ class _Session:
         return [RecipientResult(rcpt, Outcome.DEFERRED, 451, f"4.3.0 {reason}")
                 for rcpt in envelope.recipients]
 
-    def _outcomes(self, record: MessageRecord, todo: list[str],
-                  results: list[RecipientResult],
-                  ) -> list[tuple[str, RecipientOutcome, int | None, str | None]]:
+    def _outcomes(self, first_seen: float, todo: list[str],
+                  results: list[RecipientResult]) -> list[OutcomeRow]:
         by_rcpt = {result.recipient: result for result in results}
         lifetime = self.limits.max_queue_lifetime
-        expired = bool(lifetime) and self.fetcher.clock() - record.first_seen > lifetime
-        outcomes: list[tuple[str, RecipientOutcome, int | None, str | None]] = []
+        expired = bool(lifetime) and self.fetcher.clock() - first_seen > lifetime
+        outcomes: list[OutcomeRow] = []
         for rcpt in todo:
             result = by_rcpt.get(rcpt)
             if result is None:
@@ -821,14 +969,19 @@ class _Session:
                         "%s; run mailfeed fetch --retry-quarantined to try it again",
                         self.sid, msgnum, uidl, attempts, limit, error)
 
-    async def _delete(self) -> None:
-        if not self.to_delete or self.client is None:
+    async def _delete_and_quit(self) -> None:
+        """DELE every handled message and QUIT, in one flight with PIPELINING.
+
+        Every DELE'd message's outcomes were committed (fsynced) before.  The
+        marks written here are not fsynced: a lost one only repeats a DELE
+        or keeps a row until pruning.
+        """
+        client, self.client = self.client, None
+        if client is None:
             return
         msgnums = sorted(self.to_delete)
-        acked = await self.client.delete_many(msgnums, window=self.limits.pipelining_window)
-        ids = [self.to_delete[n] for n in msgnums if acked.get(n)]
-        self.store.mark_dele_sent(ids)
-        fault_point("fetch.after_dele")
+        acked, quit_ok = await client.delete_and_quit(msgnums,
+                                                      window=self.limits.pipelining_window)
         for msgnum in msgnums:
             if acked.get(msgnum):
                 self.dele_acked.append((self.to_delete[msgnum], self.entries[msgnum]))
@@ -838,12 +991,9 @@ class _Session:
                 log.warning("%s: DELE %d (UIDL %s) rejected; it stays until the next session",
                             self.sid, msgnum, self.entries[msgnum])
                 self.report.raise_exit(EX_TEMPFAIL)
-
-    async def _quit(self) -> None:
-        client, self.client = self.client, None
-        if client is None:
-            return
-        if not await client.quit():
+        if not quit_ok:
+            self.store.mark_dele_sent([row_id for row_id, _uidl in self.dele_acked])
+            fault_point("fetch.after_dele")
             if self.dele_acked:
                 log.warning("%s %s: QUIT not acknowledged: %d messages marked for deletion "
                             "stay on the server until the next session", self.sid, self.peer,
@@ -851,6 +1001,7 @@ class _Session:
             self.report.raise_exit(EX_TEMPFAIL)
             self.report.error = "QUIT not acknowledged"
             return
+        fault_point("fetch.after_dele")
         fault_point("fetch.after_quit")
         self.store.mark_expunged([row_id for row_id, _uidl in self.dele_acked])
         for _row_id, uidl in self.dele_acked:

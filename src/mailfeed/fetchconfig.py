@@ -17,7 +17,7 @@ A site file looks like this (every key but ``state``, ``quarantine``,
     max_line_length = 4194304       # octets per line of a POP3 reply, CRLF included
     max_recipients = 10000          # recipients one block may announce
     max_queue_lifetime = 432000     # seconds a recipient may stay deferred before it fails
-    pipelining_window = 64          # RETRs in flight at once
+    pipelining_window = 1000        # RETR or DELE commands in flight at once
     state_retention = 7776000       # seconds a vanished, delivered row is kept
     max_retrieve_attempts = 5       # broken RETRs in a row before a message is skipped
 

@@ -253,3 +253,28 @@ def test_sendmail_that_never_reads_is_killed(tmp_path: Path) -> None:
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_maildir_batch_defers_folder_fsync_to_sync(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import mailfeed.delivery.maildir as maildir_module
+    from mailfeed.delivery.base import BatchingTarget
+
+    synced: list[Path] = []
+    monkeypatch.setattr(maildir_module, "fsync_dir", synced.append)
+    target = MaildirTarget(tmp_path)
+    assert isinstance(target, BatchingTarget)
+    envelope = Envelope("a@example.net", ("bob@example.org", "carol@example.org"))
+    target.deliver(envelope, io.BytesIO(b"Subject: 1\r\n\r\nx\r\n"))
+    assert synced == [tmp_path / "bob@example.org" / "new", tmp_path / "carol@example.org" / "new"]
+    synced.clear()
+    target.begin_batch()
+    for _ in range(3):
+        results = target.deliver(envelope, io.BytesIO(b"Subject: 2\r\n\r\ny\r\n"))
+        assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+    assert synced == []
+    target.sync()
+    assert synced == [tmp_path / "bob@example.org" / "new", tmp_path / "carol@example.org" / "new"]
+    target.sync()
+    assert len(synced) == 2
+    assert len(list((tmp_path / "bob@example.org" / "new").iterdir())) == 4

@@ -3,9 +3,12 @@
 Each scenario kills a real ``mailfeed fetch`` process at one or two random
 fault points (MAILFEED_FAULT=NAME:kill), then runs it to completion against
 the same maildrop, state file and MTA.  Afterwards every recipient has its
-copy, and a second copy exists only for the recipients of the delivery that
-the MTA accepted right before a kill at ``fetch.after_deliver``: the one
-window between an accepted delivery and its record.
+copy.  A second copy exists only for deliveries that the MTA accepted in the
+batch in progress when the kill came at ``fetch.after_deliver`` (after the
+first delivery) or ``fetch.before_record`` (after the whole batch).  That is
+the one window: between an accepted delivery and the group commit that
+records its batch.  A kill at ``fetch.after_record`` or later leaves no
+duplicate.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from mailfeed.state import StateStore
 from tests.fetch_helpers import MailboxServer, RecordingMta, block_message, write_config
 from tests.support import ROOT
 
-FAULT_POINTS = ("fetch.after_retr", "fetch.after_deliver", "fetch.after_record",
-                "fetch.after_dele", "fetch.after_quit")
+FAULT_POINTS = ("fetch.after_retr", "fetch.after_deliver", "fetch.before_record",
+                "fetch.after_record", "fetch.after_dele", "fetch.after_quit")
+# Kill points inside the window: the batch's deliveries are not recorded yet.
+WINDOW_POINTS = ("fetch.after_deliver", "fetch.before_record")
 SCENARIOS = 20
 
 
@@ -67,11 +72,14 @@ def test_kill_at_fault_points(tmp_path: Path, seed: int) -> None:
         for fault in rng.sample(FAULT_POINTS, 2):
             before = len(mta.deliveries)
             done = run_fetch(config, fault)
-            if done.returncode == -signal.SIGKILL and fault == "fetch.after_deliver":
-                assert len(mta.deliveries) == before + 1
-                last = mta.deliveries[-1]
-                for rcpt in last.recipients:
-                    allowed_extra[(rcpt, last.data)] += 1
+            if done.returncode == -signal.SIGKILL and fault in WINDOW_POINTS:
+                # Each run's deliveries form one batch (at most 4 messages).
+                assert len(mta.deliveries) > before
+                if fault == "fetch.after_deliver":
+                    assert len(mta.deliveries) == before + 1
+                for delivery in mta.deliveries[before:]:
+                    for rcpt in delivery.recipients:
+                        allowed_extra[(rcpt, delivery.data)] += 1
             else:
                 assert done.returncode in (-signal.SIGKILL, 0), done.stderr
         final = run_fetch(config)
@@ -106,6 +114,36 @@ def test_duplicate_only_in_deliver_window(tmp_path: Path) -> None:
         mailbox.close()
         mta.close()
     assert mta.copies("bob@example.org") == 2
+
+
+def batch_mailbox(count: int) -> tuple[MailboxServer, list[str]]:
+    recipients = [f"r{n}@example.org" for n in range(count)]
+    return MailboxServer([
+        (f"b{n}", block_message("alice@example.net", [rcpt],
+                                b"Subject: batch %d\r\n\r\nbody\r\n" % n))
+        for n, rcpt in enumerate(recipients)
+    ]), recipients
+
+
+@pytest.mark.parametrize(("fault", "copies"), [("fetch.before_record", 2),
+                                               ("fetch.after_record", 1)])
+def test_window_spans_one_batch(tmp_path: Path, fault: str, copies: int) -> None:
+    """A kill before the group commit redelivers the whole batch; after it, nothing."""
+    mailbox, recipients = batch_mailbox(3)
+    mta = RecordingMta()
+    try:
+        config = write_config(tmp_path / "site.toml", pop3_port=mailbox.port, mta_url=mta.url,
+                              state=tmp_path / "state.sqlite",
+                              quarantine=tmp_path / "quarantine")
+        killed = run_fetch(config, fault)
+        assert killed.returncode == -signal.SIGKILL
+        assert len(mailbox.uidls()) == 3
+        assert run_fetch(config).returncode == 0
+    finally:
+        mailbox.close()
+        mta.close()
+    assert mailbox.uidls() == []
+    assert [mta.copies(rcpt) for rcpt in recipients] == [copies] * 3
 
 
 def test_second_fetcher_exits_75(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +251,36 @@ def test_maildir_quarantine_copy_unchanged(tmp_path: Path) -> None:
     assert not root.exists() or list(root.iterdir()) == []
     [copy] = (tmp_path / "quarantine").rglob("*.eml")
     assert copy.read_bytes() == raw
+
+
+def test_maildir_batches_deliver_each_once(tmp_path: Path) -> None:
+    """Parallel deliveries in batches of 3: every copy once, one state commit per batch."""
+    messages = [(f"u{n}", block_message("alice@example.net", ["bob@example.org"],
+                                        b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n)))
+                for n in range(8)]
+    mailbox = MailboxServer(messages)
+    root = tmp_path / "mail"
+    path = write_config(tmp_path / "site.toml", pop3_port=mailbox.port,
+                        mta_url=f"maildir:{root}", state=tmp_path / "state.sqlite",
+                        quarantine=tmp_path / "quarantine")
+    config = load_fetch_config(path)
+    batches: list[int] = []
+    try:
+        with StateStore.open(config.state) as store:
+            record_batch = store.record_batch
+
+            def counting(entries: Any) -> Any:
+                batches.append(len(entries))
+                return record_batch(entries)
+
+            store.record_batch = counting  # type: ignore[method-assign]
+            fetcher = Fetcher(config, store, target_from_url(config.delivery), record_batch=3)
+            report = asyncio.run(fetcher.run())
+    finally:
+        mailbox.close()
+    assert report.exit_code == EX_OK
+    assert batches == [3, 3, 2]
+    assert mailbox.uidls() == []
+    bodies = sorted(p.read_bytes().split(b"\n")[-2] for p in (root / "bob@example.org" / "new")
+                    .iterdir())
+    assert bodies == sorted(b"body %d" % n for n in range(8))

@@ -87,6 +87,47 @@ def test_pipelined_drain_flights_constant() -> None:
     assert large.dele_received == list(range(1, 41))
 
 
+def test_fetcher_flow_flights() -> None:
+    """USER+PASS, UIDL+LIST, every RETR, every DELE with QUIT: four flights after CAPA."""
+    async def scenario() -> ScriptedPop3Server:
+        async with ScriptedPop3Server(Pop3Script.from_messages(mailbox(30))) as server:
+            client = await plain_client(server)
+            await client.login(USER, PASSWORD)
+            listing, sizes = await client.uidl_and_list()
+            results, _ = await retrieve_all(client, sorted(listing.entries), sizes,
+                                            window=pop3client.DEFAULT_RETR_WINDOW)
+            assert all(result.ok for result in results)
+            acked, quit_ok = await client.delete_and_quit(sorted(listing.entries))
+            assert quit_ok
+            assert acked == {n: True for n in range(1, 31)}
+            await session_end(server)
+        return server
+
+    server = run(scenario())
+    assert server.flights[1] == ["USER site1", f"PASS {PASSWORD}"]
+    assert ["UIDL", "LIST"] in server.flights
+    assert server.command_flights(["RETR"]) == 1
+    assert server.flights[-1] == [*(f"DELE {n}" for n in range(1, 31)), "QUIT"]
+    assert len(server.flights) == 5
+    assert server.dele_received == list(range(1, 31))
+
+
+def test_delete_and_quit_window_splits_deletes() -> None:
+    async def scenario() -> ScriptedPop3Server:
+        async with ScriptedPop3Server(Pop3Script.from_messages(mailbox(5))) as server:
+            client = await plain_client(server)
+            await client.login(USER, PASSWORD)
+            acked, quit_ok = await client.delete_and_quit([1, 2, 3, 4, 5], window=2)
+            assert quit_ok
+            assert all(acked.values())
+            await session_end(server)
+        return server
+
+    server = run(scenario())
+    assert server.flights[-3:] == [["DELE 1", "DELE 2"], ["DELE 3", "DELE 4"],
+                                   ["DELE 5", "QUIT"]]
+
+
 def test_pipelined_window_bounds_outstanding() -> None:
     server = drain_flights(20, window=4)
     retr_flights = [f for f in server.flights if f[0].startswith("RETR")]

@@ -14,6 +14,7 @@ from mailfeed.state import (
     DsnStatus,
     MessageStatus,
     RecipientOutcome,
+    RecordEntry,
     StateError,
     StateLocked,
     StateStore,
@@ -210,3 +211,39 @@ def test_failed_recipient_owes_dsn(store: StateStore) -> None:
     store.set_recipient_dsn(record.id, ["a@x"], DsnStatus.SENT)
     assert store.dsn_owed(record.id) == []
     assert store.recipients(record.id)[0].dsn == DsnStatus.SENT
+
+
+def test_record_batch_is_one_transaction(store: StateStore) -> None:
+    done = store.begin_message("s1", "old", "d0", 5, ["a@x"])
+    store.set_status(done.id, MessageStatus.FINAL)
+    commits: list[str] = []
+    store.db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    records = store.record_batch([
+        RecordEntry("s1", "u1", "d1", 10, ["a@x", "b@x"],
+                    [("a@x", RecipientOutcome.DELIVERED, 250, "ok"),
+                     ("b@x", RecipientOutcome.FAILED, 550, "no")], MessageStatus.DELIVERING),
+        RecordEntry("s1", "u2", "d2", 20, ["c@x"],
+                    [("c@x", RecipientOutcome.DELIVERED, 250, "ok")], MessageStatus.FINAL),
+        RecordEntry("s1", "old", "d0", 5, ["a@x"], [], MessageStatus.DELIVERING),
+    ])
+    store.db.set_trace_callback(None)
+    assert commits == ["COMMIT"]
+    assert [(r.uidl, r.status) for r in records] == [
+        ("u1", MessageStatus.DELIVERING), ("u2", MessageStatus.FINAL),
+        ("old", MessageStatus.FINAL)]
+    assert [(r.recipient, r.outcome, r.dsn) for r in store.recipients(records[0].id)] == [
+        ("a@x", RecipientOutcome.DELIVERED, DsnStatus.NONE),
+        ("b@x", RecipientOutcome.FAILED, DsnStatus.PENDING)]
+    assert store.get("s1", "u2") == records[1]
+
+
+def test_status_marks_commit_without_fsync_then_restore_full(store: StateStore) -> None:
+    record = store.begin_message("s1", "u1", "d1", 10, ["a@x"])
+    seen: list[str] = []
+    store.db.set_trace_callback(seen.append)
+    store.mark_dele_sent([record.id])
+    store.db.set_trace_callback(None)
+    assert seen[0] == "PRAGMA synchronous = NORMAL"
+    assert seen[-1] == "PRAGMA synchronous = FULL"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store.get("s1", "u1").status == MessageStatus.DELE_SENT  # type: ignore[union-attr]

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from mailfeed.envelope import Envelope
 
-__all__ = ["DEFAULT_TIMEOUT", "Outcome", "RecipientResult", "Target", "outcome_for_code"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BatchingTarget",
+    "Outcome",
+    "RecipientResult",
+    "Target",
+    "outcome_for_code",
+]
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -73,6 +80,22 @@ class Target(Protocol):
     """
 
     def deliver(self, envelope: Envelope, message: BinaryIO) -> list[RecipientResult]: ...
+
+
+@runtime_checkable
+class BatchingTarget(Target, Protocol):
+    """A target that can defer part of its durability work to one :meth:`sync` per batch.
+
+    After :meth:`begin_batch`, a DELIVERED result is durable only once
+    :meth:`sync` has returned; the caller must not record it before.
+    :meth:`sync` raises OSError when that work failed, and then no result
+    since :meth:`begin_batch` may be taken as durable.  Without
+    :meth:`begin_batch` every result is durable when ``deliver`` returns.
+    """
+
+    def begin_batch(self) -> None: ...
+
+    def sync(self) -> None: ...
 
 
 def outcome_for_code(code: int) -> Outcome:

@@ -20,7 +20,12 @@ already wrote the Received field of the SMTP hop.
 
 Each copy is written to ``tmp/``, fsynced, linked into ``new/`` under a
 unique name, and ``new/`` is fsynced, so a DELIVERED result survives a
-crash.  The message is streamed chunk by chunk and never held whole.  A
+crash.  Between :meth:`MaildirTarget.begin_batch` and
+:meth:`MaildirTarget.sync` (the fetcher's group commit) the fsync of each
+``new/`` folder is done once, in ``sync``, instead of after every copy: a
+DELIVERED result is then durable only after ``sync`` returned, and the
+fetcher records it only then.  Each file is still fsynced before ``deliver``
+returns.  The message is streamed chunk by chunk and never held whole.  A
 recipient that cannot name a folder safely (``/``, a leading dot, NUL, over
 255 octets) fails; an I/O error defers.
 """
@@ -31,6 +36,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -94,6 +100,25 @@ class MaildirTarget:
         self.root = Path(root)
         self._counter = 0
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        # new/ folders linked into since begin_batch(); None: fsync each at once.
+        self._unsynced: set[Path] | None = None
+        self._lock = threading.Lock()
+
+    def begin_batch(self) -> None:
+        """Defer the fsync of each ``new/`` folder to :meth:`sync`."""
+        with self._lock:
+            if self._unsynced is None:
+                self._unsynced = set()
+
+    def sync(self) -> None:
+        """Fsync every ``new/`` folder linked into since the last call; raise OSError."""
+        with self._lock:
+            folders = self._unsynced
+            if folders is None:
+                return
+            self._unsynced = set()
+        for folder in sorted(folders):
+            fsync_dir(folder)
 
     def deliver(self, envelope: Envelope, message: BinaryIO) -> list[RecipientResult]:
         start = message.tell()
@@ -127,11 +152,14 @@ class MaildirTarget:
         return RecipientResult(rcpt, Outcome.DELIVERED, 250, f"2.0.0 delivered to {path}")
 
     def _unique_name(self) -> str:
-        self._counter += 1
+        # deliver() may run in several threads at once: the counter keeps names unique.
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
         now = time.time()
         seconds = int(now)
         micro = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micro}P{os.getpid()}Q{self._counter}.{self._host}"
+        return f"{seconds}.M{micro}P{os.getpid()}Q{counter}.{self._host}"
 
     def _make_folder(self, folder: Path) -> None:
         if folder.is_symlink():
@@ -158,5 +186,10 @@ class MaildirTarget:
             os.link(tmp_path, new_path, follow_symlinks=False)
         finally:
             tmp_path.unlink(missing_ok=True)
-        fsync_dir(folder / "new")
+        with self._lock:
+            unsynced = self._unsynced
+            if unsynced is not None:
+                unsynced.add(folder / "new")
+        if unsynced is None:
+            fsync_dir(folder / "new")
         return new_path

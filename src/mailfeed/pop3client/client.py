@@ -99,8 +99,11 @@ _session_numbers = itertools.count(1)
 # the most the client keeps in memory.
 DEFAULT_MAX_LINE_LENGTH = 4 * 1024 * 1024
 
-# Most RETR commands outstanding at once when the server offers PIPELINING.
-DEFAULT_RETR_WINDOW = 64
+# Most RETR (or DELE) commands outstanding at once when the server offers
+# PIPELINING.  It bounds commands in flight, not memory: replies stream into
+# the sinks, and reading pauses at READ_HIGH_WATER.  A drain of up to this
+# many messages sends all its RETRs in one flight.
+DEFAULT_RETR_WINDOW = 1000
 
 TraceCallback = Callable[[str, str], None]
 """Called with ``("C", line)`` for each command sent and ``("S", line)`` for
@@ -661,16 +664,30 @@ class Pop3Client:
         return status
 
     async def _user_pass(self, user: str, password: str) -> str:
-        await self._login_status(self._send_one(f"USER {user}", multiline=False))
-        status = await self._login_status(self._send_one(f"PASS {password}", multiline=False))
-        return status.text
+        if not self.pipelining:
+            await self._login_status(self._send_one(f"USER {user}", multiline=False))
+            pending = self._send_one(f"PASS {password}", multiline=False)
+            return (await self._login_status(pending)).text
+        # RFC 2449 section 6.6: with PIPELINING, USER and PASS go in one flight.
+        # The password goes to the same server either way; a rejected USER
+        # makes the PASS reply one to discard.  No other command is sent
+        # before PASS succeeded, so a failed login reads no mailbox.
+        user_pending, pass_pending = self._send(
+            [f"USER {user}", f"PASS {password}"], multiline=False
+        )
+        try:
+            await self._login_status(user_pending)
+        except Pop3AuthError:
+            pass_pending.abandoned = True
+            raise
+        return (await self._login_status(pass_pending)).text
 
     async def _apop(self, user: str, password: str, timestamp: str) -> str:
         digest = hashlib.md5(
             (timestamp + password).encode("utf-8"), usedforsecurity=False
         ).hexdigest()
-        status = await self._login_status(self._send_one(f"APOP {user} {digest}", multiline=False))
-        return status.text
+        pending = self._send_one(f"APOP {user} {digest}", multiline=False)
+        return (await self._login_status(pending)).text
 
     async def _auth_plain(self, user: str, password: str) -> str:
         response = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
@@ -972,6 +989,38 @@ class Pop3Client:
             )
         return status.ok
 
+    async def delete_and_quit(
+        self, msgnums: Sequence[int], *, window: int = DEFAULT_RETR_WINDOW
+    ) -> tuple[dict[int, bool], bool]:
+        """Send DELE for each message and then QUIT; return (accepted by number, QUIT ok).
+
+        With PIPELINING, QUIT goes in the flight of the last DELEs, so a
+        drain of up to ``window`` messages ends in one flight; the DELE
+        flights before it are of ``window`` commands each.  The DELE replies
+        are read as in :meth:`delete_many` and QUIT's as in :meth:`quit`.
+        A Pop3Error while reading the DELE replies is raised; the server may
+        then have deleted the messages already.
+        """
+        if window < 1:
+            raise ValueError(f"window={window} is invalid: it must be at least 1")
+        self._check_idle()
+        if not self.pipelining or not msgnums:
+            return await self.delete_many(msgnums, window=window), await self.quit()
+        results: dict[int, bool] = {}
+        quit_pending: _Pending | None = None
+        for start in range(0, len(msgnums), window):
+            batch = msgnums[start : start + window]
+            lines = [f"DELE {n}" for n in batch]
+            last = start + window >= len(msgnums)
+            pendings = self._send([*lines, "QUIT"] if last else lines, multiline=False)
+            if last:
+                quit_pending = pendings.pop()
+            await self._flush("command", self._timeouts.command)
+            for msgnum, pending in zip(batch, pendings, strict=True):
+                results[msgnum] = await self._dele_result(msgnum, pending)
+        assert quit_pending is not None
+        return results, await self._quit_reply(quit_pending)
+
     async def quit(self) -> bool:
         """Send QUIT and close; True only when the server answered ``+OK``.
 
@@ -981,6 +1030,14 @@ class Pop3Client:
         try:
             self._check_idle()
             pending = self._send_one("QUIT", multiline=False)
+        except Pop3Error as exc:
+            _LOG.warning("%s %s: QUIT failed: %s", self.session_id, self.peer, exc)
+            await self.close()
+            return False
+        return await self._quit_reply(pending)
+
+    async def _quit_reply(self, pending: _Pending) -> bool:
+        try:
             status = await self._read_status(pending, "command", self._timeouts.command)
         except Pop3Error as exc:
             _LOG.warning("%s %s: QUIT failed: %s", self.session_id, self.peer, exc)

@@ -8,6 +8,7 @@ so the caller can leave that message alone.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,8 @@ __all__ = ["UidlListing", "parse_list_listing", "parse_uidl_listing"]
 MAX_UNIQUE_ID_OCTETS = 70
 UNIQUE_ID_MIN_OCTET = 0x21
 UNIQUE_ID_MAX_OCTET = 0x7E
+# A unique-id without defect (RFC 1939 section 7): 1 to 70 octets in 0x21-0x7E.
+_VALID_UNIQUE_ID = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_UNIQUE_ID_OCTETS)
 
 
 @dataclass(frozen=True)
@@ -44,38 +47,44 @@ def parse_uidl_listing(lines: Sequence[bytes]) -> UidlListing:
     defective, because the client cannot tell which one is true.
     """
     defects: list[tuple[str, str]] = []
-    candidates: list[tuple[int, str, str]] = []
+    candidates: list[tuple[int, str, bytes]] = []
     numbers_seen: collections.Counter[int] = collections.Counter()
 
+    # The display text of a line is built only for a defect: a listing of
+    # 100,000 messages is parsed once per session.
     for line in lines:
-        raw = _display(line)
         parts = line.split()
         if not parts:
-            defects.append((raw, "empty UIDL line"))
+            defects.append((_display(line), "empty UIDL line"))
             continue
         if not parts[0].isdigit() or int(parts[0]) == 0:
+            raw = _display(line)
             reason = "message number is not a positive decimal number"
             defects.append((raw, f"UIDL line {raw!r} unparseable: {reason}"))
             continue
         msgnum = int(parts[0])
         numbers_seen[msgnum] += 1
+        if len(parts) == 2 and _VALID_UNIQUE_ID.fullmatch(parts[1]):
+            candidates.append((msgnum, parts[1].decode("ascii"), line))
+            continue
         unique_id_defect = _unique_id_defect(parts)
         if unique_id_defect is not None:
-            defects.append((raw, f"message {msgnum}: {unique_id_defect}"))
+            defects.append((_display(line), f"message {msgnum}: {unique_id_defect}"))
             continue
-        candidates.append((msgnum, parts[1].decode("ascii"), raw))
+        candidates.append((msgnum, parts[1].decode("ascii"), line))
 
     owners: dict[str, list[int]] = collections.defaultdict(list)
     for msgnum, unique_id, _ in candidates:
         owners[unique_id].append(msgnum)
 
     entries: dict[int, str] = {}
-    for msgnum, unique_id, raw in candidates:
+    for msgnum, unique_id, line in candidates:
         if numbers_seen[msgnum] > 1:
-            defects.append((raw, f"message {msgnum}: listed more than once"))
+            defects.append((_display(line), f"message {msgnum}: listed more than once"))
         elif len(owners[unique_id]) > 1:
             numbers = _join_numbers(owners[unique_id])
-            defects.append((raw, f"messages {numbers}: duplicate unique-id {unique_id}"))
+            defects.append((_display(line),
+                            f"messages {numbers}: duplicate unique-id {unique_id}"))
         else:
             entries[msgnum] = unique_id
     return UidlListing(entries=entries, defects=defects)
