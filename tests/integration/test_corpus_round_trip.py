@@ -24,7 +24,7 @@ from mailfeed.spool import store_message
 from tests.integration.mta import RecordingHandler, ServerThread, Transaction
 from tests.support import need_corpus, split_mboxrd
 
-# Real messages have lines up to about 48,000 octets; the MTA must take them.
+# The corpus has lines of up to 48,677 octets, so the test MTA must accept long lines.
 MTA_LINE_LIMIT = 1024 * 1024
 
 
