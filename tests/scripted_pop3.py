@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import hashlib
-import ipaddress
 import re
 import socket
 import ssl
@@ -37,13 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from mailfeed.scram import ScramCredentials, ScramError, ScramServer
-from tests.support import CASES_DIR, unescape
+from tests.support import CASES_DIR, unescape, write_self_signed_cert
 
 DEFAULT_USER = "site1"
 DEFAULT_PASSWORD = "pw-site1-example"
@@ -114,36 +107,9 @@ class TlsMaterial:
 
 
 def make_tls_material(directory: Path) -> TlsMaterial:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     cert_file = directory / "scripted-pop3-cert.pem"
     key_file = directory / "scripted-pop3-key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_self_signed_cert(cert_file, key_file)
     return TlsMaterial(cert_file, key_file)
 
 
