@@ -4,7 +4,7 @@ For each configured source one session runs::
 
     connect (TLS rules) -> CAPA -> login (USER+PASS: one flight with PIPELINING)
       -> UIDL + LIST (one flight)
-      -> DELE at once what the state says is fully handled (no RETR)
+      -> queue DELE for what the state records as fully handled (no RETR)
       -> RETR the rest (pipelined, one flight up to pipelining_window), and
          for each message as it arrives:
            digest -> block -> local domains -> deliver to pending and deferred
@@ -449,7 +449,7 @@ class _Session:
     # -- the session ---------------------------------------------------------
 
     async def run(self) -> None:
-        """The session, step by step; each step is durable before the next starts."""
+        """Run the session step by step; each step is durable before the next starts."""
         listing = await self._connect_and_list()
         if listing is None:
             await self._delete_and_quit()

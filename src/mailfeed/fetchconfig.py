@@ -346,7 +346,7 @@ def _check_inline_password(path: str, data: Mapping[str, Any]) -> None:
         raise ConfigError(f"{path}: cannot check its permissions: {exc.strerror}") from None
     if mode & READ_BY_OTHERS:
         raise ConfigError(
-            f"{path}: source[{inline[0]}].password: the file holds a password and is readable "
+            f"{path}: source[{inline[0]}].password: the file contains a password and is readable "
             f"by group or others (mode {mode & 0o777:o}): chmod 600 {path}, or move the "
             "password into a password_file")
 

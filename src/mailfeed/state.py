@@ -29,7 +29,7 @@ Invariants:
 
 * One process per state file: :meth:`StateStore.open` takes an exclusive
   ``fcntl.flock`` on ``<state>.lock`` and raises :class:`StateLocked` when
-  another process holds it.
+  another process has it.
 * Every write method commits before it returns (WAL, ``synchronous=FULL``),
   so a returned call is on disk.  The exceptions are :meth:`StateStore.mark_dele_sent`,
   :meth:`StateStore.mark_expunged` and :meth:`StateStore.prune`, which commit

@@ -94,9 +94,9 @@ MIN_MAX_LINE_LENGTH = 512
 
 _session_numbers = itertools.count(1)
 
-# Longest line accepted in any reply, counting its CRLF.  RFC 5322 allows 998
-# octets plus CRLF, but real mail carries much longer lines; one such line is
-# the most the client keeps in memory.
+# Maximum length of a reply line, counting its CRLF.  RFC 5322 allows 998
+# octets plus CRLF, but real mail carries much longer lines.  One such line is
+# the largest amount of data the client keeps in memory.
 DEFAULT_MAX_LINE_LENGTH = 4 * 1024 * 1024
 
 # Most RETR (or DELE) commands outstanding at once when the server offers
@@ -1022,7 +1022,7 @@ class Pop3Client:
         return results, await self._quit_reply(quit_pending)
 
     async def quit(self) -> bool:
-        """Send QUIT and close; True only when the server answered ``+OK``.
+        """Send QUIT and close; return True only when the server replied ``+OK``.
 
         Never raises a Pop3Error: a failure to send or read gives False,
         which means the server may not have deleted the marked messages.

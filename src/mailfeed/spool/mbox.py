@@ -196,7 +196,7 @@ class MboxrdEncoder:
 
 @dataclass(frozen=True)
 class StoredMbox:
-    """Where an append went: the mbox, the offset of its ``From_`` line, sizes."""
+    """The location of an append: the mbox, the offset of its ``From_`` line, sizes."""
 
     path: Path
     offset: int
